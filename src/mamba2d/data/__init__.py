@@ -1,0 +1,1 @@
+"""Datasets and loaders: slide feature bags, grid coordinates, image folders."""

@@ -1,0 +1,280 @@
+"""Triton backend: launches the fused kernels of ``triton_kernels`` and wires their autograd.
+
+Memory saved for the backward: the inputs and two float32 carry arrays, one number per
+(batch, dim, state) for every tile border crossed by a row or a column:
+dstate * batch * dim * (H * n_tile_cols + W * n_tile_rows) floats. No (batch, dim, dstate, H, W)
+tensor is ever written to device memory.
+
+States: up to ``MAX_STATES_PER_LAUNCH`` states run in one launch. Larger dstate is split into
+groups of states whose outputs add up (the scan is linear in the states); the D skip and the z
+gate are then applied once, outside the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mamba2d.ops.layout import ScanLayout
+
+MAX_STATES_PER_LAUNCH = 16
+TILE_ELEMS = 2048  # NB * TH * TW of the register block each program holds
+MAX_CHANNELS_PER_PROGRAM = 32
+POISON_OUTPUTS = False  # tests set this to fill every output buffer with NaN before launch
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available(u: torch.Tensor) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``u``'s device, and why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed (pip install triton)"
+    if _interpreting():
+        return True, ""
+    if not u.is_cuda:
+        return False, f"tensors are on {u.device}; the Triton kernels need CUDA tensors"
+    return True, ""
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Tile shape and derived counts for one launch."""
+
+    NB: int
+    TH: int
+    TW: int
+    NBH: int
+    NBW: int
+    num_warps: int
+
+    @property
+    def n_tiles(self) -> int:
+        return self.NBH * self.NBW
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def plan_tiles(dstate: int, height: int, width: int, tile_elems: int | None = None) -> _Plan:
+    """Pick a near-square power-of-two tile with NB * TH * TW <= tile_elems, capped by the grid."""
+    tile_elems = tile_elems or TILE_ELEMS
+    NB = _pow2(dstate)
+    budget = max(1, tile_elems // NB)
+    TH = TW = 1
+    max_h, max_w = _pow2(height), _pow2(width)
+    while TH * TW * 2 <= budget and (TH < max_h or TW < max_w):
+        # Grow the smaller side first (columns on ties, for contiguous loads).
+        if TW < max_w and (TW <= TH or TH >= max_h):
+            TW *= 2
+        else:
+            TH *= 2
+    elems = NB * TH * TW
+    num_warps = 8 if elems >= 4096 else 4 if elems >= 512 else 2 if elems >= 128 else 1
+    return _Plan(NB, TH, TW, -(-height // TH), -(-width // TW), num_warps)
+
+
+def _channels_per_program(per_group: int, programs_per_channel: int) -> int:
+    """Channels one backward program loops over: the largest divisor of per_group up to the cap
+    that still leaves a few programs per SM, but never so small that the dB/dC partials (one
+    per chunk) outgrow 32 copies."""
+    divisors = [d for d in range(1, min(per_group, MAX_CHANNELS_PER_PROGRAM) + 1) if per_group % d == 0]
+    min_cb = max(1, per_group // 32)
+    ok = [d for d in divisors if d >= min_cb]
+    if not ok:
+        ok = [min(d for d in range(1, per_group + 1) if per_group % d == 0 and d >= min_cb)]
+    target = 2048
+    for d in sorted(ok, reverse=True):
+        if programs_per_channel * (per_group // d) >= target:
+            return d
+    return min(ok)
+
+
+class _Args:
+    """Kernel-ready views: B and C grouped, strides unpacked, optional tensors replaced by dummies."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, layout: ScanLayout, tile_elems=None):
+        self.u, self.delta, self.A, self.B, self.C, self.D, self.z = u, delta, A, B, C, D, z
+        self.bias = delta_bias
+        self.batch, self.dim, self.L = u.shape
+        self.groups, self.N = B.shape[1], B.shape[2]
+        self.per_group = self.dim // self.groups
+        self.H, self.W = layout.height, layout.width
+        self.layout = layout
+        self.plan = plan_tiles(self.N, self.H, self.W, tile_elems)
+        self.dummy = torch.empty(1, dtype=torch.float32, device=u.device)
+        # Axis 2 of a tile is horizontal, axis 1 vertical.
+        self.AX1 = 1 if layout.transpose else 2
+        self.REV1 = layout.flip_v if layout.transpose else layout.flip_h
+        self.REV2 = layout.flip_h if layout.transpose else layout.flip_v
+
+    def tiles_along(self, axis: int) -> int:
+        return self.plan.NBW if axis == 2 else self.plan.NBH
+
+    def lines_across(self, axis: int) -> int:
+        return self.plan.NBH if axis == 2 else self.plan.NBW
+
+    def carry_buffer(self, axis: int) -> torch.Tensor:
+        p = self.plan
+        shape = (self.batch * self.dim, self.N, self.H, p.NBW) if axis == 2 else \
+            (self.batch * self.dim, self.N, p.NBH, self.W)
+        return _alloc(shape, torch.float32, self.u.device)
+
+    def opt(self, t):
+        return self.dummy if t is None else t
+
+    def z_strides(self):
+        return self.z.stride() if self.z is not None else (0, 0, 0)
+
+    def bc_strides(self):
+        return (*self.B.stride(), *self.C.stride(), *self.A.stride())
+
+    def flags(self, softplus: bool) -> dict:
+        p = self.plan
+        return dict(NB=p.NB, TH=p.TH, TW=p.TW, HAS_BIAS=self.bias is not None,
+                    SOFTPLUS=bool(softplus), num_warps=p.num_warps)
+
+
+def _carries(k, x: _Args, out_grad, axis, adjoint, pre, softplus, fwd_rev, pre_fwd_rev):
+    """Launch ``_carry_kernel`` along ``axis``; returns the carry buffer it fills."""
+    buf = x.carry_buffer(axis)
+    grid = (x.batch * x.dim, x.lines_across(axis))
+    dout = out_grad if out_grad is not None else x.dummy
+    dstr = out_grad.stride() if out_grad is not None else (0, 0, 0)
+    k._carry_kernel[grid](
+        x.u, x.delta, dout, x.opt(x.z), x.A, x.B, x.C, x.opt(x.bias),
+        x.dummy if pre is None else pre, buf,
+        x.dim, x.N, x.H, x.W, x.plan.NBH, x.plan.NBW, x.per_group, x.tiles_along(axis),
+        *x.u.stride(), *x.delta.stride(), *x.z_strides(), *dstr, *x.bc_strides(),
+        AXIS=axis, REV=(not fwd_rev) if adjoint else fwd_rev, FWD_REV=fwd_rev, ADJOINT=adjoint,
+        PRESCAN=pre_fwd_rev is not None, PRE_CARRY=pre is not None,
+        PRE_REV=(not pre_fwd_rev) if pre_fwd_rev is not None else False,
+        PRE_FWD_REV=bool(pre_fwd_rev), HAS_Z=x.z is not None, **x.flags(softplus),
+    )
+    return buf
+
+
+def _forward(x: _Args, softplus: bool, save: bool, out_dtype: torch.dtype):
+    from mamba2d.ops import triton_kernels as k
+
+    AX1, AX2 = x.AX1, 3 - x.AX1
+    c1 = None
+    if x.tiles_along(AX1) > 1:
+        c1 = _carries(k, x, None, AX1, False, None, softplus, x.REV1, None)
+    c2 = x.carry_buffer(AX2) if save and x.tiles_along(AX2) > 1 else None
+    y = _alloc((x.batch, x.dim, x.L), out_dtype, x.u.device)
+    grid = (x.batch * x.dim, x.lines_across(AX2))
+    k._fwd_kernel[grid](
+        x.u, x.delta, x.opt(x.z), x.A, x.B, x.C, x.opt(x.D), x.opt(x.bias), x.opt(c1), x.opt(c2), y,
+        x.dim, x.N, x.H, x.W, x.plan.NBH, x.plan.NBW, x.per_group, x.tiles_along(AX2),
+        *x.u.stride(), *x.delta.stride(), *x.z_strides(), *x.bc_strides(),
+        AX1=AX1, REV1=x.REV1, REV2=x.REV2, HAS_D=x.D is not None, HAS_Z=x.z is not None,
+        HAS_C1=c1 is not None, SAVE_C2=c2 is not None, **x.flags(softplus),
+    )
+    ch, cv = (c1, c2) if AX1 == 2 else (c2, c1)
+    return y, ch, cv
+
+
+def _backward(x: _Args, softplus: bool, dout: torch.Tensor, ch, cv):
+    from mamba2d.ops import triton_kernels as k
+
+    AX1, AX2 = x.AX1, 3 - x.AX1
+    p = x.plan
+    l2 = None
+    if x.tiles_along(AX2) > 1:
+        l2 = _carries(k, x, dout, AX2, True, None, softplus, x.REV2, None)
+    l1 = None
+    if x.tiles_along(AX1) > 1:
+        l1 = _carries(k, x, dout, AX1, True, l2, softplus, x.REV1, x.REV2)
+    lh, lv = (l1, l2) if AX1 == 2 else (l2, l1)
+
+    dev = x.u.device
+    CB = _channels_per_program(x.per_group, p.n_tiles * x.batch)
+    parts = x.per_group // CB
+    du = _alloc((x.batch, x.dim, x.L), x.u.dtype, dev)
+    dd = _alloc((x.batch, x.dim, x.L), x.delta.dtype, dev)
+    dz = _alloc((x.batch, x.dim, x.L), x.z.dtype, dev) if x.z is not None else None
+    f32 = torch.float32
+    dA = _alloc((x.batch, p.n_tiles, x.dim, x.N), f32, dev)
+    dD = _alloc((x.batch, p.n_tiles, x.dim), f32, dev) if x.D is not None else None
+    dbias = _alloc((x.batch, p.n_tiles, x.dim), f32, dev) if x.bias is not None else None
+    dB = _alloc((parts, x.batch, x.groups, x.N, x.L), f32, dev)
+    dC = _alloc((parts, x.batch, x.groups, x.N, x.L), f32, dev)
+    grid = (p.n_tiles, x.dim // CB, x.batch)
+    k._bwd_kernel[grid](
+        x.u, x.delta, x.opt(x.z), dout, x.A, x.B, x.C, x.opt(x.D), x.opt(x.bias),
+        x.opt(ch), x.opt(cv), x.opt(lh), x.opt(lv),
+        du, dd, x.opt(dz), dA, x.opt(dD), x.opt(dbias), dB, dC,
+        x.dim, x.N, x.H, x.W, p.NBH, p.NBW, x.per_group, CB, p.n_tiles,
+        *x.u.stride(), *x.delta.stride(), *x.z_strides(), *dout.stride(), *x.bc_strides(),
+        AX1=AX1, REV1=x.REV1, REV2=x.REV2, ADJ_REV1=not x.REV1, ADJ_REV2=not x.REV2,
+        HAS_D=x.D is not None, HAS_Z=x.z is not None,
+        HAS_H_CARRY=p.NBW > 1, HAS_V_CARRY=p.NBH > 1, **x.flags(softplus),
+    )
+    dA = dA.sum(dim=(0, 1))
+    dD = dD.sum(dim=(0, 1)) if dD is not None else None
+    dbias = dbias.sum(dim=(0, 1)) if dbias is not None else None
+    dB = dB.sum(dim=0) if parts > 1 else dB[0]
+    dC = dC.sum(dim=0) if parts > 1 else dC[0]
+    return du, dd, dA, dB, dC, dD, dz, dbias
+
+
+class _TritonScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout, out_dtype, tile_elems):
+        x = _Args(u, delta, A, B, C, D, z, delta_bias, layout, tile_elems)
+        save = torch.is_grad_enabled() or any(ctx.needs_input_grad[:8])
+        y, ch, cv = _forward(x, delta_softplus, save, out_dtype)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ch, cv)
+        ctx.delta_softplus = delta_softplus
+        ctx.layout = layout
+        ctx.tile_elems = tile_elems
+        return y
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, ch, cv = ctx.saved_tensors
+        x = _Args(u, delta, A, B, C, D, z, delta_bias, ctx.layout, ctx.tile_elems)
+        du, dd, dA, dB, dC, dD, dz, dbias = _backward(x, ctx.delta_softplus, dout, ch, cv)
+
+        def cast(g, like):
+            return None if g is None else g.to(like.dtype)
+
+        return (du, dd, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, delta_bias),
+                None, None, None, None)
+
+
+def selective_scan_2d_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout: ScanLayout,
+                             tile_elems: int | None = None):
+    """Triton backend; B and C arrive as (batch, groups, dstate, L). See ``selective_scan_2d``."""
+    dstate = A.shape[1]
+    if dstate <= MAX_STATES_PER_LAUNCH:
+        return _TritonScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), layout,
+                                   u.dtype, tile_elems)
+    # The scan is a sum over states: run groups of states and add their float32 outputs.
+    y = None
+    for n0 in range(0, dstate, MAX_STATES_PER_LAUNCH):
+        sl = slice(n0, min(dstate, n0 + MAX_STATES_PER_LAUNCH))
+        part = _TritonScanFn.apply(u, delta, A[:, sl], B[:, :, sl], C[:, :, sl], None, None, delta_bias,
+                                   bool(delta_softplus), layout, torch.float32, tile_elems)
+        y = part if y is None else y + part
+    if D is not None:
+        y = y + D.float()[None, :, None] * u.float()
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.float())
+    return y.to(u.dtype)
+
+
+__all__ = ["plan_tiles", "selective_scan_2d_triton", "triton_available"]

@@ -1,0 +1,1 @@
+"""Training and evaluation loops, configs and metrics."""

@@ -1,0 +1,1 @@
+"""Vision backbone built on the 2D scan for natural images."""

@@ -1,0 +1,1 @@
+"""Whole-slide image handling: tiling, feature extraction, patch grids."""
