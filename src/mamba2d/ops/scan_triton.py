@@ -22,7 +22,17 @@ from mamba2d.ops.layout import ScanLayout
 MAX_STATES_PER_LAUNCH = 16
 TILE_ELEMS = 2048  # NB * TH * TW of the register block each program holds
 MAX_CHANNELS_PER_PROGRAM = 32
+MAX_TILE_ROWS = 4
 POISON_OUTPUTS = False  # tests set this to fill every output buffer with NaN before launch
+TILE_OVERRIDE: tuple[int, int] | None = None  # (TH, TW) for experiments; None = plan_tiles' choice
+RELOAD_BC = False  # the backward re-reads B and C for each channel instead of holding them in registers
+LAUNCH_LOG: list[dict] | None = None  # set to [] to record each launch's registers and spills
+
+
+def _log(name: str, compiled, grid) -> None:
+    if LAUNCH_LOG is not None and compiled is not None:
+        LAUNCH_LOG.append(dict(kernel=name, grid=tuple(grid), n_regs=getattr(compiled, "n_regs", None),
+                               n_spills=getattr(compiled, "n_spills", None)))
 
 
 def _interpreting() -> bool:
@@ -69,18 +79,20 @@ def _pow2(n: int) -> int:
 
 
 def plan_tiles(dstate: int, height: int, width: int, tile_elems: int | None = None) -> _Plan:
-    """Pick a near-square power-of-two tile with NB * TH * TW <= tile_elems, capped by the grid."""
+    """Pick the tile: wide along the contiguous W axis, a few rows tall, NB * TH * TW <= tile_elems.
+
+    Measured on an H100 (benchmarks/results/tile_sweep_h100.json): at dstate 16, 4 x 32 tiles run
+    fwd+bwd about 2x faster than 8 x 16 or 16 x 8, because scans along W stay within a warp
+    while scans along H cross warps. Short tiles cost carry memory (one float per column, state
+    and tile row), so TH stays at 4 rather than 1 or 2.
+    """
     tile_elems = tile_elems or TILE_ELEMS
     NB = _pow2(dstate)
-    budget = max(1, tile_elems // NB)
-    TH = TW = 1
-    max_h, max_w = _pow2(height), _pow2(width)
-    while TH * TW * 2 <= budget and (TH < max_h or TW < max_w):
-        # Grow the smaller side first (columns on ties, for contiguous loads).
-        if TW < max_w and (TW <= TH or TH >= max_h):
-            TW *= 2
-        else:
-            TH *= 2
+    cells = max(1, tile_elems // NB)
+    TW = min(_pow2(width), 64 if NB <= 4 else 32, cells)
+    TH = min(_pow2(height), max(1, cells // TW), MAX_TILE_ROWS)
+    if TILE_OVERRIDE is not None:
+        TH, TW = TILE_OVERRIDE
     elems = NB * TH * TW
     num_warps = 8 if elems >= 4096 else 4 if elems >= 512 else 2 if elems >= 128 else 1
     return _Plan(NB, TH, TW, -(-height // TH), -(-width // TW), num_warps)
@@ -153,7 +165,7 @@ def _carries(k, x: _Args, out_grad, axis, adjoint, pre, softplus, fwd_rev, pre_f
     grid = (x.batch * x.dim, x.lines_across(axis))
     dout = out_grad if out_grad is not None else x.dummy
     dstr = out_grad.stride() if out_grad is not None else (0, 0, 0)
-    k._carry_kernel[grid](
+    ck = k._carry_kernel[grid](
         x.u, x.delta, dout, x.opt(x.z), x.A, x.B, x.C, x.opt(x.bias),
         x.dummy if pre is None else pre, buf,
         x.dim, x.N, x.H, x.W, x.plan.NBH, x.plan.NBW, x.per_group, x.tiles_along(axis),
@@ -163,6 +175,7 @@ def _carries(k, x: _Args, out_grad, axis, adjoint, pre, softplus, fwd_rev, pre_f
         PRE_REV=(not pre_fwd_rev) if pre_fwd_rev is not None else False,
         PRE_FWD_REV=bool(pre_fwd_rev), HAS_Z=x.z is not None, **x.flags(softplus),
     )
+    _log(f"carry(axis={axis},adjoint={adjoint})", ck, grid)
     return buf
 
 
@@ -176,13 +189,14 @@ def _forward(x: _Args, softplus: bool, save: bool, out_dtype: torch.dtype):
     c2 = x.carry_buffer(AX2) if save and x.tiles_along(AX2) > 1 else None
     y = _alloc((x.batch, x.dim, x.L), out_dtype, x.u.device)
     grid = (x.batch * x.dim, x.lines_across(AX2))
-    k._fwd_kernel[grid](
+    ck = k._fwd_kernel[grid](
         x.u, x.delta, x.opt(x.z), x.A, x.B, x.C, x.opt(x.D), x.opt(x.bias), x.opt(c1), x.opt(c2), y,
         x.dim, x.N, x.H, x.W, x.plan.NBH, x.plan.NBW, x.per_group, x.tiles_along(AX2),
         *x.u.stride(), *x.delta.stride(), *x.z_strides(), *x.bc_strides(),
         AX1=AX1, REV1=x.REV1, REV2=x.REV2, HAS_D=x.D is not None, HAS_Z=x.z is not None,
         HAS_C1=c1 is not None, SAVE_C2=c2 is not None, **x.flags(softplus),
     )
+    _log("fwd", ck, grid)
     ch, cv = (c1, c2) if AX1 == 2 else (c2, c1)
     return y, ch, cv
 
@@ -213,7 +227,7 @@ def _backward(x: _Args, softplus: bool, dout: torch.Tensor, ch, cv):
     dB = _alloc((parts, x.batch, x.groups, x.N, x.L), f32, dev)
     dC = _alloc((parts, x.batch, x.groups, x.N, x.L), f32, dev)
     grid = (p.n_tiles, x.dim // CB, x.batch)
-    k._bwd_kernel[grid](
+    ck = k._bwd_kernel[grid](
         x.u, x.delta, x.opt(x.z), dout, x.A, x.B, x.C, x.opt(x.D), x.opt(x.bias),
         x.opt(ch), x.opt(cv), x.opt(lh), x.opt(lv),
         du, dd, x.opt(dz), dA, x.opt(dD), x.opt(dbias), dB, dC,
@@ -221,8 +235,9 @@ def _backward(x: _Args, softplus: bool, dout: torch.Tensor, ch, cv):
         *x.u.stride(), *x.delta.stride(), *x.z_strides(), *dout.stride(), *x.bc_strides(),
         AX1=AX1, REV1=x.REV1, REV2=x.REV2, ADJ_REV1=not x.REV1, ADJ_REV2=not x.REV2,
         HAS_D=x.D is not None, HAS_Z=x.z is not None,
-        HAS_H_CARRY=p.NBW > 1, HAS_V_CARRY=p.NBH > 1, **x.flags(softplus),
+        HAS_H_CARRY=p.NBW > 1, HAS_V_CARRY=p.NBH > 1, RELOAD_BC=RELOAD_BC, **x.flags(softplus),
     )
+    _log(f"bwd(CB={CB})", ck, grid)
     dA = dA.sum(dim=(0, 1))
     dD = dD.sum(dim=(0, 1)) if dD is not None else None
     dbias = dbias.sum(dim=(0, 1)) if dbias is not None else None

@@ -309,7 +309,7 @@ def _bwd_kernel(
     AX1: tl.constexpr, REV1: tl.constexpr, REV2: tl.constexpr,
     ADJ_REV1: tl.constexpr, ADJ_REV2: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H_CARRY: tl.constexpr, HAS_V_CARRY: tl.constexpr,
+    HAS_H_CARRY: tl.constexpr, HAS_V_CARRY: tl.constexpr, RELOAD_BC: tl.constexpr,
 ):
     """Gradients of one tile for a chunk of CB channels that share one B/C group.
 
@@ -350,6 +350,12 @@ def _bwd_kernel(
     dC_acc = tl.zeros([NB, TH, TW], dtype=tl.float32)
 
     for c in range(c0, c0 + CB):
+        if RELOAD_BC:
+            # Re-read (from L1/L2) rather than hold: frees registers for the scans.
+            Bm = tl.load(Bm_ptr + b * s_Bb + grp * s_Bg + n[:, None, None] * s_Bn + cell[None, :, :] * s_Bl,
+                         mask=m3, other=0.0).to(tl.float32)
+            Cm = tl.load(Cm_ptr + b * s_Cb + grp * s_Cg + n[:, None, None] * s_Cn + cell[None, :, :] * s_Cl,
+                         mask=m3, other=0.0).to(tl.float32)
         bc = b * dim + c
         a_row = tl.load(A_ptr + c * s_Ad + n * s_An, mask=nmask, other=0.0).to(tl.float32)
         a2 = a_row * 1.4426950408889634

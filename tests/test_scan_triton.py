@@ -1,0 +1,221 @@
+"""The Triton backend against the float64 reference.
+
+Without CUDA the kernels run in Triton's CPU interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1), which is slow: every case here is tiny. Small ``tile_elems`` force many tiles
+so that the carries across tile borders, in both directions, are exercised.
+
+Every output and partial buffer starts as NaN (POISON_OUTPUTS), so an element a kernel forgets
+to write shows up as a non-finite value, which ``scan_cases.check`` rejects.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import scan_cases as sc
+import torch
+
+from mamba2d import selective_scan_2d
+from mamba2d.ops import scan_triton
+from mamba2d.ops.scan_triton import plan_tiles
+
+pytest.importorskip("triton")
+# Triton 3.6's interpreter converts 1-element arrays to ints, which numpy deprecates: noise only.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F32 = torch.float32
+FLIP_COMBOS = list(itertools.product([False, True], repeat=3))  # (flip_h, flip_v, transpose)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(scan_triton, "POISON_OUTPUTS", True)
+
+
+def _compare(t, softplus, H, W, seed, label, tile_elems=None, backend="triton-kernel", **flips):
+    w = sc.make_weight(t, seed)
+    got = sc.run(backend, t, softplus, H, W, w, tile_elems=tile_elems, **flips)
+    ref = sc.reference(t, softplus, H, W, w, **flips)
+    assert got[0].dtype == t["u"].dtype
+    return sc.check(got, ref, sc.BOUNDS[t["u"].dtype], label)
+
+
+def _tiles(dstate, H, W, tile_elems):
+    p = plan_tiles(dstate, H, W, tile_elems)
+    return p.NBH, p.NBW
+
+
+def test_poison_fills_with_nan():
+    buf = scan_triton._alloc((3, 4), F32, DEVICE)
+    assert torch.isnan(buf).all()
+
+
+# (batch, dim, dstate, H, W)
+SINGLE_TILE = [(2, 3, 3, 1, 1), (2, 3, 3, 1, 9), (2, 3, 3, 9, 1), (2, 3, 3, 5, 7)]
+
+
+@pytest.mark.parametrize("shape", SINGLE_TILE, ids=lambda s: "{}x{}".format(*s[3:]))
+def test_single_tile(shape):
+    batch, dim, dstate, H, W = shape
+    assert _tiles(dstate, H, W, None) == (1, 1)
+    seed = 2000 + SINGLE_TILE.index(shape)
+    t = sc.make_inputs(batch, dim, dstate, H, W, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, H, W, seed, str(shape))
+
+
+@pytest.mark.parametrize("flips", FLIP_COMBOS, ids=lambda f: "fh{:d}-fv{:d}-tr{:d}".format(*f))
+@pytest.mark.parametrize("grid", [(5, 7), (6, 5)], ids=lambda g: "{}x{}".format(*g))
+def test_tiled_directions(grid, flips):
+    H, W = grid
+    # dstate 2, tile_elems 16: 2 x 4 tiles, a 3 x 2 tile grid with ragged edges on 5 x 7.
+    nbh, nbw = _tiles(2, H, W, 16)
+    assert nbh > 1 and nbw > 1
+    flip_h, flip_v, transpose = flips
+    seed = 2100 + 8 * H + sum(b << i for i, b in enumerate(flips))
+    t = sc.make_inputs(1, 2, 2, H, W, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, H, W, seed, f"{grid} {flips}", tile_elems=16, flip_h=flip_h, flip_v=flip_v,
+             transpose=transpose)
+
+
+# (dstate, tile_elems, transpose): other tile shapes, down to single-row tiles (TH = 1).
+TILE_SHAPES = [(3, 32, False), (2, 4, False), (2, 4, True), (1, 16, True)]
+
+
+@pytest.mark.parametrize("case", TILE_SHAPES, ids=lambda c: "n{}-te{}-tr{:d}".format(*c))
+def test_tile_shapes(case):
+    dstate, tile_elems, transpose = case
+    H, W = 5, 7
+    nbh, nbw = _tiles(dstate, H, W, tile_elems)
+    assert nbh > 1 and nbw > 1
+    seed = 2200 + TILE_SHAPES.index(case)
+    t = sc.make_inputs(1, 2, dstate, H, W, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, H, W, seed, str(case), tile_elems=tile_elems, transpose=transpose, flip_h=True)
+
+
+@pytest.mark.parametrize("tile_elems", [None, 32])
+def test_groups(tile_elems):
+    seed = 2300 + bool(tile_elems)
+    t = sc.make_inputs(1, 4, 2, 5, 7, groups=2, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, 5, 7, seed, f"groups=2 tile_elems={tile_elems}", tile_elems=tile_elems)
+
+
+@pytest.mark.parametrize("dstate,tile_elems", [(1, 16), (5, 32)])
+def test_dstate(dstate, tile_elems):
+    nbh, nbw = _tiles(dstate, 5, 7, tile_elems)
+    assert nbh > 1 and nbw > 1
+    seed = 2400 + dstate
+    t = sc.make_inputs(1, 2, dstate, 5, 7, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, 5, 7, seed, f"dstate={dstate}", tile_elems=tile_elems)
+
+
+@pytest.mark.parametrize("opts", list(itertools.product([False, True], repeat=4)),
+                         ids=lambda o: "D{:d}-z{:d}-bias{:d}-sp{:d}".format(*o))
+def test_options(opts):
+    with_D, with_z, with_bias, softplus = opts
+    seed = 2500 + sum(b << i for i, b in enumerate(opts))
+    t = sc.make_inputs(1, 2, 2, 3, 4, dtype=F32, device=DEVICE, seed=seed, with_D=with_D, with_z=with_z,
+                       with_bias=with_bias, softplus=softplus)
+    _compare(t, softplus, 3, 4, seed, f"opts={opts}")
+
+
+def _noncontiguous(batch, dim, dstate, H, W, seed):
+    """u, delta, z as (batch, L, dim) transposed; B, C as (batch, L, dstate) permuted; A as (dstate, dim).T.
+
+    Returns (leaves, inputs): the leaves carry the gradients, the inputs are strided views of them.
+    """
+    base = sc.make_inputs(batch, dim, dstate, H, W, dtype=F32, device=DEVICE, seed=seed)
+    leaves, views = {}, {}
+    for k, v in base.items():
+        v = v.detach()
+        if k in ("u", "delta", "z", "B", "C"):
+            leaf = v.transpose(1, 2).contiguous().requires_grad_()  # (batch, L, dim or dstate)
+            views[k] = leaf.permute(0, 2, 1)
+        elif k == "A":
+            leaf = v.t().contiguous().requires_grad_()
+            views[k] = leaf.t()
+        else:
+            leaf = v.clone().requires_grad_()
+            views[k] = leaf
+        leaves[k] = leaf
+    for k in ("u", "delta", "z", "B", "C", "A"):
+        assert not views[k].is_contiguous()
+    return views
+
+
+@pytest.mark.parametrize("tile_elems", [None, 16])
+def test_noncontiguous_inputs(tile_elems):
+    seed = 2600 + bool(tile_elems)
+    t = _noncontiguous(2, 3, 2, 5, 6, seed)
+    _compare(t, True, 5, 6, seed, f"non-contiguous tile_elems={tile_elems}", tile_elems=tile_elems)
+
+
+@pytest.mark.parametrize("name", ["D", "delta_bias"])
+def test_strided_vector_parameter(name):
+    # D or delta_bias as every other element of a longer vector (stride 2, e.g. a column of a matrix).
+    seed = 2610 + len(name)
+    t = sc.make_inputs(1, 3, 2, 3, 4, dtype=F32, device=DEVICE, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    longer = torch.randn(6, generator=g).to(DEVICE)
+    longer[::2] = t[name].detach()
+    t[name] = longer.requires_grad_()[::2]
+    assert t[name].stride() == (2,)
+    _compare(t, True, 3, 4, seed, f"strided {name}")
+
+
+def test_noncontiguous_upstream_gradient():
+    # The gradient reaching the scan is a transposed (non-contiguous) view.
+    seed = 2620
+    H, W = 5, 6
+    t = sc.make_inputs(1, 2, 2, H, W, dtype=F32, device=DEVICE, seed=seed)
+    w = sc.make_weight(t, seed)
+    ref = sc.reference(t, True, H, W, w)
+    out = sc.forward("triton-kernel", t, True, H, W, (False, False, False), 16)
+    loss = (out.transpose(1, 2) * w.transpose(1, 2).contiguous()).sum()
+    names = list(ref[1])
+    grads = torch.autograd.grad(loss, [t[n] for n in names])
+    sc.check((out.detach(), dict(zip(names, grads, strict=True))), ref, sc.BOUND_F32, "dout strided")
+
+
+@pytest.mark.parametrize("tile_elems", [None, 16])
+def test_state_split(monkeypatch, tile_elems):
+    # dstate 5 in launches of at most 2 states: 3 launches whose outputs add up.
+    monkeypatch.setattr(scan_triton, "MAX_STATES_PER_LAUNCH", 2)
+    seed = 2700 + bool(tile_elems)
+    t = sc.make_inputs(1, 2, 5, 5, 6, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, 5, 6, seed, f"split tile_elems={tile_elems}", tile_elems=tile_elems, flip_v=True)
+
+
+def test_state_split_without_options(monkeypatch):
+    monkeypatch.setattr(scan_triton, "MAX_STATES_PER_LAUNCH", 2)
+    seed = 2710
+    t = sc.make_inputs(1, 2, 5, 3, 4, dtype=F32, device=DEVICE, seed=seed, with_D=False, with_z=False,
+                       with_bias=False, softplus=False)
+    _compare(t, False, 3, 4, seed, "split, no options")
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_public_api(groups):
+    seed = 2800 + bool(groups)
+    t = sc.make_inputs(2, 4, 3, 4, 5, groups=groups, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, 4, 5, seed, f"public api groups={groups}", backend="triton", transpose=True,
+             flip_h=True)
+
+
+def test_forward_without_grad():
+    seed = 2900
+    t = sc.make_inputs(1, 2, 2, 5, 7, dtype=F32, device=DEVICE, seed=seed)
+    with torch.no_grad():
+        out = sc.forward("triton-kernel", t, True, 5, 7, (False, True, True), 16)
+        ref = sc.forward("reference", {k: v.double() for k, v in t.items()}, True, 5, 7,
+                         (False, True, True), None)
+    assert torch.isfinite(out).all()
+    assert sc.rel_err(out, ref) < sc.BOUND_F32
+
+
+def test_output_dtype():
+    t = sc.make_inputs(1, 2, 2, 3, 4, dtype=F32, device=DEVICE, seed=2910)
+    out = selective_scan_2d(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"],
+                            True, height=3, width=4, backend="triton")
+    assert out.dtype == F32
