@@ -43,7 +43,11 @@ def naive_selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         dt = F.softplus(dt)
     dt5 = dt.reshape(batch, dim, 1, height, width)
     a = torch.exp(dt5 * A.float()[None, :, :, None, None])
-    x = dt5 * B.float().reshape(batch, 1, dstate, height, width) * u.float().reshape(batch, dim, 1, height, width)
+    x = (
+        dt5
+        * B.float().reshape(batch, 1, dstate, height, width)
+        * u.float().reshape(batch, dim, 1, height, width)
+    )
     g = _doubling_scan(a, x, -1)
     h = _doubling_scan(a, g, -2)
     y = (C.float().reshape(batch, 1, dstate, height, width) * h).sum(2).reshape(batch, dim, length)

@@ -31,11 +31,17 @@ from mamba2d import ScanLayout  # noqa: E402
 from mamba2d.ops.scan_torch import selective_scan_2d_torch  # noqa: E402
 
 GPU_SHAPES = [  # (batch, dim, dstate, H, W): the issue's list
-    (1, 256, 16, 64, 64), (1, 256, 16, 128, 128), (1, 256, 16, 256, 256), (1, 256, 16, 200, 300),
-    (64, 192, 1, 56, 56), (32, 384, 16, 28, 28), (64, 768, 16, 14, 14),
+    (1, 256, 16, 64, 64),
+    (1, 256, 16, 128, 128),
+    (1, 256, 16, 256, 256),
+    (1, 256, 16, 200, 300),
+    (64, 192, 1, 56, 56),
+    (32, 384, 16, 28, 28),
+    (64, 768, 16, 14, 14),
 ]
 CPU_SHAPES = [(1, 64, 16, 32, 32), (1, 64, 16, 64, 64), (8, 96, 1, 28, 28), (4, 128, 16, 14, 14)]
-ANCHORS = Path(__file__).resolve().parents[1].parent / "shared" / "anchors" / "official-2dmamba-scan-h100.json"
+_ROOT = Path(__file__).resolve().parents[1]
+ANCHORS = _ROOT.parent / "shared" / "anchors" / "official-2dmamba-scan-h100.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -45,12 +51,17 @@ def make_inputs(shape, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*s, scale=1.0, shift=0.0):
-        return (torch.randn(*s, generator=g) * scale + shift)
+        return torch.randn(*s, generator=g) * scale + shift
 
     t = dict(
-        u=rnd(batch, dim, L), delta=rnd(batch, dim, L, scale=0.5, shift=-1.0),
-        A=-(torch.rand(dim, dstate, generator=g) * 2 + 0.1), B=rnd(batch, dstate, L), C=rnd(batch, dstate, L),
-        D=rnd(dim), z=rnd(batch, dim, L), delta_bias=rnd(dim, scale=0.3),
+        u=rnd(batch, dim, L),
+        delta=rnd(batch, dim, L, scale=0.5, shift=-1.0),
+        A=-(torch.rand(dim, dstate, generator=g) * 2 + 0.1),
+        B=rnd(batch, dstate, L),
+        C=rnd(batch, dstate, L),
+        D=rnd(dim),
+        z=rnd(batch, dim, L),
+        delta_bias=rnd(dim, scale=0.3),
     )
     out = {}
     for k, v in t.items():
@@ -65,16 +76,29 @@ def runner(impl, shape, tile_elems=None):
 
     def call(t):
         if impl == "naive":
-            return naive_selective_scan_2d(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
-                                           t["delta_bias"], True, H, W)
+            return naive_selective_scan_2d(
+                t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True, H, W
+            )
         B4, C4 = t["B"].unsqueeze(1), t["C"].unsqueeze(1)
         if impl == "torch":
-            return selective_scan_2d_torch(t["u"], t["delta"], t["A"], B4, C4, t["D"], t["z"], t["delta_bias"],
-                                           True, layout)
+            return selective_scan_2d_torch(
+                t["u"], t["delta"], t["A"], B4, C4, t["D"], t["z"], t["delta_bias"], True, layout
+            )
         from mamba2d.ops.scan_triton import selective_scan_2d_triton
 
-        return selective_scan_2d_triton(t["u"], t["delta"], t["A"], B4, C4, t["D"], t["z"], t["delta_bias"],
-                                        True, layout, tile_elems=tile_elems)
+        return selective_scan_2d_triton(
+            t["u"],
+            t["delta"],
+            t["A"],
+            B4,
+            C4,
+            t["D"],
+            t["z"],
+            t["delta_bias"],
+            True,
+            layout,
+            tile_elems=tile_elems,
+        )
 
     return call
 
@@ -95,12 +119,12 @@ def check(call, shape, dtype, device):
     t64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
     ref, rgrads = fwd_bwd(runner("torch", shape), t64, dout.double())
     errs = {"out": _rel(out, ref)}
-    errs.update({k: _rel(a, b) for k, a, b in zip(ORDER, grads, rgrads)})
+    errs.update({k: _rel(a, b) for k, a, b in zip(ORDER, grads, rgrads, strict=True)})
     return errs
 
 
 def _rel(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
@@ -127,6 +151,25 @@ def peak_mib(fn, device):
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def measure(call, shape, dtype, device, reps):
+    """Median forward and forward+backward times (ms) and the forward+backward peak (MiB)."""
+    t = make_inputs(shape, dtype, device)
+    dout = torch.randn_like(t["u"])
+
+    def fwd():
+        with torch.no_grad():
+            return call(t)
+
+    def both():
+        return fwd_bwd(call, t, dout)
+
+    return dict(
+        fwd_ms=time_ms(fwd, device, reps),
+        fwdbwd_ms=time_ms(both, device, reps),
+        fwdbwd_peak_mib=peak_mib(both, device),
+    )
 
 
 def copy_bandwidth_gbps(device):
@@ -167,9 +210,13 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     device = a.device
-    shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")] if a.shapes else \
-        (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
-    impls = a.impls.split(",") if a.impls else (["triton", "torch", "naive"] if device == "cuda" else ["torch", "naive"])
+    shapes = (
+        [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")]
+        if a.shapes
+        else (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+    )
+    default_impls = ["triton", "torch", "naive"] if device == "cuda" else ["torch", "naive"]
+    impls = a.impls.split(",") if a.impls else default_impls
     variants = [("triton", None)] if "triton" in impls else []
     variants += [("triton", int(v)) for v in a.tile_elems.split(",") if v]
     variants += [(i, None) for i in impls if i != "triton"]
@@ -178,26 +225,29 @@ def main(argv=None):
         for r in json.loads(ANCHORS.read_text())["rows"]:
             anchors[(r["batch"], r["dim"], r["dstate"], r["height"], r["width"])] = r
     bw = copy_bandwidth_gbps(device)
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    dev_name = (
+        torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    )
     rows = []
     for dtype in a.dtypes.split(","):
         for shape in shapes:
             f_fwd, f_all = floor_ms(shape, dtype, bw)
             for impl, te in variants:
                 call = runner(impl, shape, te)
-                row = dict(impl=impl if te is None else f"{impl}[tile_elems={te}]", dtype=dtype,
-                           batch=shape[0], dim=shape[1], dstate=shape[2], height=shape[3], width=shape[4])
+                row = dict(
+                    impl=impl if te is None else f"{impl}[tile_elems={te}]",
+                    dtype=dtype,
+                    batch=shape[0],
+                    dim=shape[1],
+                    dstate=shape[2],
+                    height=shape[3],
+                    width=shape[4],
+                )
                 try:
                     if not a.skip_check:
                         errs = check(call, shape, DTYPES[dtype], device)
                         row["max_rel_err"] = max(errs.values())
-                    t = make_inputs(shape, DTYPES[dtype], device)
-                    dout = torch.randn_like(t["u"])
-                    with torch.no_grad():
-                        row["fwd_ms"] = time_ms(lambda: call(t), device, a.reps)
-                    row["fwdbwd_ms"] = time_ms(lambda: fwd_bwd(call, t, dout), device, a.reps)
-                    row["fwdbwd_peak_mib"] = peak_mib(lambda: fwd_bwd(call, t, dout), device)
-                    del t, dout
+                    row.update(measure(call, shape, DTYPES[dtype], device, a.reps))
                 except torch.OutOfMemoryError:
                     row["error"] = "out of memory"
                 if device == "cuda":
@@ -213,11 +263,17 @@ def main(argv=None):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = dict(
-        device=dev_name, date=_dt.date.today().isoformat(),
-        software=dict(torch=torch.__version__, python=platform.python_version(),
-                      triton=_version("triton"), threads=torch.get_num_threads()),
+        device=dev_name,
+        date=_dt.date.today().isoformat(),
+        software=dict(
+            torch=torch.__version__,
+            python=platform.python_version(),
+            triton=_version("triton"),
+            threads=torch.get_num_threads(),
+        ),
         timing="triton.testing.do_bench median" if device == "cuda" else "median wall time of repeated calls",
-        copy_bandwidth_GBps=bw, rows=rows,
+        copy_bandwidth_GBps=bw,
+        rows=rows,
     )
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -236,8 +292,21 @@ def _version(mod):
 
 
 def print_table(rows):
-    cols = ["impl", "dtype", "batch", "dim", "dstate", "height", "width", "fwd_ms", "fwdbwd_ms",
-            "fwdbwd_peak_mib", "fwdbwd_over_floor", "speedup_fwdbwd_vs_official", "max_rel_err"]
+    cols = [
+        "impl",
+        "dtype",
+        "batch",
+        "dim",
+        "dstate",
+        "height",
+        "width",
+        "fwd_ms",
+        "fwdbwd_ms",
+        "fwdbwd_peak_mib",
+        "fwdbwd_over_floor",
+        "speedup_fwdbwd_vs_official",
+        "max_rel_err",
+    ]
     print(" | ".join(cols))
     for r in rows:
         vals = []

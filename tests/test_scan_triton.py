@@ -52,59 +52,86 @@ def test_poison_fills_with_nan():
     assert torch.isnan(buf).all()
 
 
-# (batch, dim, dstate, H, W)
-SINGLE_TILE = [(2, 3, 3, 1, 1), (2, 3, 3, 1, 9), (2, 3, 3, 9, 1), (2, 3, 3, 5, 7)]
+def _tiling_both_axes(dstate, H, W):
+    """The largest tile_elems whose plan cuts the grid into several tiles along both axes."""
+    for tile_elems in (2**k for k in range(12, -1, -1)):
+        nbh, nbw = _tiles(dstate, H, W, tile_elems)
+        if nbh > 1 and nbw > 1:
+            return tile_elems
+    raise AssertionError(f"no tile_elems tiles a {H} x {W} grid along both axes")
 
 
-@pytest.mark.parametrize("shape", SINGLE_TILE, ids=lambda s: "{}x{}".format(*s[3:]))
-def test_single_tile(shape):
+# (batch, dim, dstate, H, W) with the default plan: one tile, or a few along H.
+DEFAULT_PLAN = [(2, 3, 3, 1, 1), (2, 3, 3, 1, 9), (2, 3, 3, 9, 1), (2, 3, 3, 5, 7)]
+
+
+@pytest.mark.parametrize("shape", DEFAULT_PLAN, ids=lambda s: "{}x{}".format(*s[3:]))
+def test_default_plan(shape):
     batch, dim, dstate, H, W = shape
-    assert _tiles(dstate, H, W, None) == (1, 1)
-    seed = 2000 + SINGLE_TILE.index(shape)
+    seed = 2000 + DEFAULT_PLAN.index(shape)
     t = sc.make_inputs(batch, dim, dstate, H, W, dtype=F32, device=DEVICE, seed=seed)
-    _compare(t, True, H, W, seed, str(shape))
+    _compare(t, True, H, W, seed, f"{shape} plan={_tiles(dstate, H, W, None)}")
+
+
+def test_small_grids_are_one_tile():
+    assert _tiles(3, 1, 1, None) == (1, 1)
+    assert _tiles(3, 1, 9, None) == (1, 1)
+    assert _tiles(2, 2, 4, None) == (1, 1)
 
 
 @pytest.mark.parametrize("flips", FLIP_COMBOS, ids=lambda f: "fh{:d}-fv{:d}-tr{:d}".format(*f))
 @pytest.mark.parametrize("grid", [(5, 7), (6, 5)], ids=lambda g: "{}x{}".format(*g))
 def test_tiled_directions(grid, flips):
     H, W = grid
-    # dstate 2, tile_elems 16: 2 x 4 tiles, a 3 x 2 tile grid with ragged edges on 5 x 7.
-    nbh, nbw = _tiles(2, H, W, 16)
-    assert nbh > 1 and nbw > 1
+    tile_elems = _tiling_both_axes(2, H, W)
+    assert tile_elems >= 4  # not degenerate 1 x 1 tiles
     flip_h, flip_v, transpose = flips
     seed = 2100 + 8 * H + sum(b << i for i, b in enumerate(flips))
     t = sc.make_inputs(1, 2, 2, H, W, dtype=F32, device=DEVICE, seed=seed)
-    _compare(t, True, H, W, seed, f"{grid} {flips}", tile_elems=16, flip_h=flip_h, flip_v=flip_v,
-             transpose=transpose)
+    _compare(t, True, H, W, seed, f"{grid} {flips} tile_elems={tile_elems}", tile_elems=tile_elems,
+             flip_h=flip_h, flip_v=flip_v, transpose=transpose)
 
 
-# (dstate, tile_elems, transpose): other tile shapes, down to single-row tiles (TH = 1).
-TILE_SHAPES = [(3, 32, False), (2, 4, False), (2, 4, True), (1, 16, True)]
+# (TH, TW, flip_h, flip_v, transpose): tile shapes chosen directly, whatever plan_tiles prefers.
+TILE_SHAPES = [(2, 4, False, False, False), (4, 2, False, False, True), (2, 2, True, True, False),
+               (1, 8, False, True, True), (8, 8, True, False, True)]
 
 
-@pytest.mark.parametrize("case", TILE_SHAPES, ids=lambda c: "n{}-te{}-tr{:d}".format(*c))
-def test_tile_shapes(case):
-    dstate, tile_elems, transpose = case
+@pytest.mark.parametrize("case", TILE_SHAPES, ids=lambda c: "{}x{}-fh{:d}-fv{:d}-tr{:d}".format(*c))
+def test_tile_shapes(monkeypatch, case):
+    if not hasattr(scan_triton, "TILE_OVERRIDE"):
+        pytest.skip("scan_triton.TILE_OVERRIDE is gone")
+    TH, TW, flip_h, flip_v, transpose = case
+    monkeypatch.setattr(scan_triton, "TILE_OVERRIDE", (TH, TW))
     H, W = 5, 7
-    nbh, nbw = _tiles(dstate, H, W, tile_elems)
-    assert nbh > 1 and nbw > 1
+    p = plan_tiles(2, H, W)
+    assert (p.TH, p.TW) == (TH, TW)
     seed = 2200 + TILE_SHAPES.index(case)
-    t = sc.make_inputs(1, 2, dstate, H, W, dtype=F32, device=DEVICE, seed=seed)
-    _compare(t, True, H, W, seed, str(case), tile_elems=tile_elems, transpose=transpose, flip_h=True)
+    t = sc.make_inputs(1, 2, 2, H, W, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, H, W, seed, str(case), flip_h=flip_h, flip_v=flip_v, transpose=transpose)
 
 
-@pytest.mark.parametrize("tile_elems", [None, 32])
-def test_groups(tile_elems):
-    seed = 2300 + bool(tile_elems)
+def test_reload_bc(monkeypatch):
+    if not hasattr(scan_triton, "RELOAD_BC"):
+        pytest.skip("scan_triton.RELOAD_BC is gone")
+    monkeypatch.setattr(scan_triton, "RELOAD_BC", True)
+    seed = 2250
+    t = sc.make_inputs(1, 4, 3, 5, 7, groups=2, dtype=F32, device=DEVICE, seed=seed)
+    te = _tiling_both_axes(3, 5, 7)
+    _compare(t, True, 5, 7, seed, "RELOAD_BC", tile_elems=te, flip_h=True)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_groups(tiled):
+    seed = 2300 + tiled
+    tile_elems = _tiling_both_axes(2, 5, 7) if tiled else None
     t = sc.make_inputs(1, 4, 2, 5, 7, groups=2, dtype=F32, device=DEVICE, seed=seed)
     _compare(t, True, 5, 7, seed, f"groups=2 tile_elems={tile_elems}", tile_elems=tile_elems)
 
 
-@pytest.mark.parametrize("dstate,tile_elems", [(1, 16), (5, 32)])
-def test_dstate(dstate, tile_elems):
-    nbh, nbw = _tiles(dstate, 5, 7, tile_elems)
-    assert nbh > 1 and nbw > 1
+@pytest.mark.parametrize("dstate", [1, 5])
+def test_dstate(dstate):
+    tile_elems = _tiling_both_axes(dstate, 5, 7)
     seed = 2400 + dstate
     t = sc.make_inputs(1, 2, dstate, 5, 7, dtype=F32, device=DEVICE, seed=seed)
     _compare(t, True, 5, 7, seed, f"dstate={dstate}", tile_elems=tile_elems)
@@ -144,9 +171,10 @@ def _noncontiguous(batch, dim, dstate, H, W, seed):
     return views
 
 
-@pytest.mark.parametrize("tile_elems", [None, 16])
-def test_noncontiguous_inputs(tile_elems):
-    seed = 2600 + bool(tile_elems)
+@pytest.mark.parametrize("tiled", [False, True])
+def test_noncontiguous_inputs(tiled):
+    seed = 2600 + tiled
+    tile_elems = _tiling_both_axes(2, 5, 6) if tiled else None
     t = _noncontiguous(2, 3, 2, 5, 6, seed)
     _compare(t, True, 5, 6, seed, f"non-contiguous tile_elems={tile_elems}", tile_elems=tile_elems)
 
@@ -171,18 +199,19 @@ def test_noncontiguous_upstream_gradient():
     t = sc.make_inputs(1, 2, 2, H, W, dtype=F32, device=DEVICE, seed=seed)
     w = sc.make_weight(t, seed)
     ref = sc.reference(t, True, H, W, w)
-    out = sc.forward("triton-kernel", t, True, H, W, (False, False, False), 16)
+    out = sc.forward("triton-kernel", t, True, H, W, (False, False, False), _tiling_both_axes(2, H, W))
     loss = (out.transpose(1, 2) * w.transpose(1, 2).contiguous()).sum()
     names = list(ref[1])
     grads = torch.autograd.grad(loss, [t[n] for n in names])
     sc.check((out.detach(), dict(zip(names, grads, strict=True))), ref, sc.BOUND_F32, "dout strided")
 
 
-@pytest.mark.parametrize("tile_elems", [None, 16])
-def test_state_split(monkeypatch, tile_elems):
+@pytest.mark.parametrize("tiled", [False, True])
+def test_state_split(monkeypatch, tiled):
     # dstate 5 in launches of at most 2 states: 3 launches whose outputs add up.
     monkeypatch.setattr(scan_triton, "MAX_STATES_PER_LAUNCH", 2)
-    seed = 2700 + bool(tile_elems)
+    seed = 2700 + tiled
+    tile_elems = _tiling_both_axes(2, 5, 6) if tiled else None
     t = sc.make_inputs(1, 2, 5, 5, 6, dtype=F32, device=DEVICE, seed=seed)
     _compare(t, True, 5, 6, seed, f"split tile_elems={tile_elems}", tile_elems=tile_elems, flip_v=True)
 
@@ -207,7 +236,7 @@ def test_forward_without_grad():
     seed = 2900
     t = sc.make_inputs(1, 2, 2, 5, 7, dtype=F32, device=DEVICE, seed=seed)
     with torch.no_grad():
-        out = sc.forward("triton-kernel", t, True, 5, 7, (False, True, True), 16)
+        out = sc.forward("triton-kernel", t, True, 5, 7, (False, True, True), _tiling_both_axes(2, 5, 7))
         ref = sc.forward("reference", {k: v.double() for k, v in t.items()}, True, 5, 7,
                          (False, True, True), None)
     assert torch.isfinite(out).all()

@@ -22,9 +22,9 @@ from mamba2d.ops.layout import ScanLayout
 MAX_STATES_PER_LAUNCH = 16
 TILE_ELEMS = 2048  # NB * TH * TW of the register block each program holds
 MAX_CHANNELS_PER_PROGRAM = 32
-MAX_TILE_ROWS = 4
 POISON_OUTPUTS = False  # tests set this to fill every output buffer with NaN before launch
 TILE_OVERRIDE: tuple[int, int] | None = None  # (TH, TW) for experiments; None = plan_tiles' choice
+NUM_WARPS_OVERRIDE: int | None = None  # for experiments
 RELOAD_BC = False  # the backward re-reads B and C for each channel instead of holding them in registers
 LAUNCH_LOG: list[dict] | None = None  # set to [] to record each launch's registers and spills
 
@@ -79,22 +79,29 @@ def _pow2(n: int) -> int:
 
 
 def plan_tiles(dstate: int, height: int, width: int, tile_elems: int | None = None) -> _Plan:
-    """Pick the tile: wide along the contiguous W axis, a few rows tall, NB * TH * TW <= tile_elems.
+    """Pick the tile and warp count; ``tile_elems`` caps NB * TH * TW (tests use it to force tiling).
 
-    Measured on an H100 (benchmarks/results/tile_sweep_h100.json): at dstate 16, 4 x 32 tiles run
-    fwd+bwd about 2x faster than 8 x 16 or 16 x 8, because scans along W stay within a warp
-    while scans along H cross warps. Short tiles cost carry memory (one float per column, state
-    and tile row), so TH stays at 4 rather than 1 or 2.
+    From sweeps on an H100 (benchmarks/results/tile_sweep_h100.json): tiles wide along the
+    contiguous W axis and a few rows tall beat square ones (scans along W stay inside a warp,
+    scans along H cross warps), and the fastest programs hold about 16 elements per thread with
+    as few warps as possible. With 8+ states, 4 x 32 tiles on 4 warps (8 x 16 for narrow grids);
+    with fewer states, 2 x 64 on 2 warps. Short tiles cost carry memory (one float per column,
+    state and tile row), which is why TH does not go below 4 at 8+ states.
     """
-    tile_elems = tile_elems or TILE_ELEMS
     NB = _pow2(dstate)
-    cells = max(1, tile_elems // NB)
-    TW = min(_pow2(width), 64 if NB <= 4 else 32, cells)
-    TH = min(_pow2(height), max(1, cells // TW), MAX_TILE_ROWS)
+    cells = max(1, (tile_elems or TILE_ELEMS) // NB)
+    if NB >= 8:
+        TW = min(_pow2(width), 32, cells)
+        TH = min(_pow2(height), 8 if TW <= 16 else 4, max(1, cells // TW))
+    else:
+        TW = min(_pow2(width), 64, cells)
+        TH = min(_pow2(height), 2, max(1, cells // TW))
     if TILE_OVERRIDE is not None:
         TH, TW = TILE_OVERRIDE
     elems = NB * TH * TW
-    num_warps = 8 if elems >= 4096 else 4 if elems >= 512 else 2 if elems >= 128 else 1
+    num_warps = max(1, min(8, elems // 512)) if NB >= 8 else (2 if elems >= 128 else 1)
+    if NUM_WARPS_OVERRIDE is not None:
+        num_warps = NUM_WARPS_OVERRIDE
     return _Plan(NB, TH, TW, -(-height // TH), -(-width // TW), num_warps)
 
 
@@ -118,8 +125,10 @@ class _Args:
     """Kernel-ready views: B and C grouped, strides unpacked, optional tensors replaced by dummies."""
 
     def __init__(self, u, delta, A, B, C, D, z, delta_bias, layout: ScanLayout, tile_elems=None):
-        self.u, self.delta, self.A, self.B, self.C, self.D, self.z = u, delta, A, B, C, D, z
-        self.bias = delta_bias
+        self.u, self.delta, self.A, self.B, self.C, self.z = u, delta, A, B, C, z
+        # The kernels index D and delta_bias with unit stride; both are tiny.
+        self.D = D.contiguous() if D is not None else None
+        self.bias = delta_bias.contiguous() if delta_bias is not None else None
         self.batch, self.dim, self.L = u.shape
         self.groups, self.N = B.shape[1], B.shape[2]
         self.per_group = self.dim // self.groups
@@ -209,13 +218,18 @@ def _backward(x: _Args, softplus: bool, dout: torch.Tensor, ch, cv):
     l2 = None
     if x.tiles_along(AX2) > 1:
         l2 = _carries(k, x, dout, AX2, True, None, softplus, x.REV2, None)
+    # The first pass's adjoint carries are handed along inside the backward kernel itself,
+    # which then walks each line of tiles along the first pass's axis (SWEEP).
+    sweep = x.tiles_along(AX1) > 1
     l1 = None
-    if x.tiles_along(AX1) > 1:
-        l1 = _carries(k, x, dout, AX1, True, l2, softplus, x.REV1, x.REV2)
+    if sweep:
+        shape = (x.batch * x.dim, x.N, x.H, 1) if AX1 == 2 else (x.batch * x.dim, x.N, 1, x.W)
+        l1 = torch.zeros(shape, dtype=torch.float32, device=x.u.device)
     lh, lv = (l1, l2) if AX1 == 2 else (l2, l1)
 
     dev = x.u.device
-    CB = _channels_per_program(x.per_group, p.n_tiles * x.batch)
+    lines = x.lines_across(AX1) if sweep else p.n_tiles
+    CB = _channels_per_program(x.per_group, lines * x.batch)
     parts = x.per_group // CB
     du = _alloc((x.batch, x.dim, x.L), x.u.dtype, dev)
     dd = _alloc((x.batch, x.dim, x.L), x.delta.dtype, dev)
@@ -226,16 +240,17 @@ def _backward(x: _Args, softplus: bool, dout: torch.Tensor, ch, cv):
     dbias = _alloc((x.batch, p.n_tiles, x.dim), f32, dev) if x.bias is not None else None
     dB = _alloc((parts, x.batch, x.groups, x.N, x.L), f32, dev)
     dC = _alloc((parts, x.batch, x.groups, x.N, x.L), f32, dev)
-    grid = (p.n_tiles, x.dim // CB, x.batch)
+    grid = (lines, x.dim // CB, x.batch)
     ck = k._bwd_kernel[grid](
         x.u, x.delta, x.opt(x.z), dout, x.A, x.B, x.C, x.opt(x.D), x.opt(x.bias),
         x.opt(ch), x.opt(cv), x.opt(lh), x.opt(lv),
         du, dd, x.opt(dz), dA, x.opt(dD), x.opt(dbias), dB, dC,
-        x.dim, x.N, x.H, x.W, p.NBH, p.NBW, x.per_group, CB, p.n_tiles,
+        x.dim, x.N, x.H, x.W, p.NBH, p.NBW, x.per_group, CB, p.n_tiles, x.tiles_along(AX1) if sweep else 1,
         *x.u.stride(), *x.delta.stride(), *x.z_strides(), *dout.stride(), *x.bc_strides(),
         AX1=AX1, REV1=x.REV1, REV2=x.REV2, ADJ_REV1=not x.REV1, ADJ_REV2=not x.REV2,
         HAS_D=x.D is not None, HAS_Z=x.z is not None,
-        HAS_H_CARRY=p.NBW > 1, HAS_V_CARRY=p.NBH > 1, RELOAD_BC=RELOAD_BC, **x.flags(softplus),
+        HAS_H_CARRY=p.NBW > 1, HAS_V_CARRY=p.NBH > 1, RELOAD_BC=RELOAD_BC, SWEEP=sweep,
+        **x.flags(softplus),
     )
     _log(f"bwd(CB={CB})", ck, grid)
     dA = dA.sum(dim=(0, 1))

@@ -302,30 +302,32 @@ def _bwd_kernel(
     u_ptr, d_ptr, z_ptr, dout_ptr, A_ptr, Bm_ptr, Cm_ptr, D_ptr, bias_ptr,
     ch_ptr, cv_ptr, lh_ptr, lv_ptr,
     du_ptr, dd_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-    dim, N, H, W, NBH, NBW, per_group, CB, n_tiles,
+    dim, N, H, W, NBH, NBW, per_group, CB, n_tiles, n_steps,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_Ad, s_An,
     NB: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     AX1: tl.constexpr, REV1: tl.constexpr, REV2: tl.constexpr,
     ADJ_REV1: tl.constexpr, ADJ_REV2: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H_CARRY: tl.constexpr, HAS_V_CARRY: tl.constexpr, RELOAD_BC: tl.constexpr,
+    HAS_H_CARRY: tl.constexpr, HAS_V_CARRY: tl.constexpr, RELOAD_BC: tl.constexpr, SWEEP: tl.constexpr,
 ):
     """Gradients of one tile for a chunk of CB channels that share one B/C group.
 
     ``ch``/``cv``: forward carries of the horizontal / vertical pass; ``lh``/``lv``: adjoint
-    carries. All are read from memory, so tiles are independent. Outputs: du, ddelta, dz
+    carries. Forward carries and the second pass's adjoint carries are read from memory. The first
+    pass's adjoint carries too, unless SWEEP: then the program walks its line of tiles along the
+    first pass's axis in the adjoint direction and hands that carry from tile to tile through a
+    small zero-initialised scratch (``lh`` or ``lv``: (batch * dim, N, H, 1) or
+    (batch * dim, N, 1, W)), so no separate carry kernel is needed for it. Outputs: du, ddelta, dz
     (contiguous (batch, dim, L)); dA (batch, n_tiles, dim, N), dD and dbias (batch, n_tiles, dim)
     as per-tile partial sums; dB and dC (n_chunks_per_group, batch, groups, N, L) as per-chunk
     partial sums, all float32.
-    Grid: (n_tiles, dim // CB, batch).
+    Grid: (n_tiles, dim // CB, batch), or with SWEEP (lines of tiles across AX1, dim // CB, batch).
     """
     AX2: tl.constexpr = 3 - AX1
-    tile = tl.program_id(0)
+    line = tl.program_id(0)
     chunk = tl.program_id(1)
     b = tl.program_id(2)
-    r = tile // NBW
-    s = tile % NBW
     batch = tl.num_programs(2)
     c0 = chunk * CB
     grp = c0 // per_group
@@ -335,111 +337,139 @@ def _bwd_kernel(
 
     n = tl.arange(0, NB)
     nmask = n < N
-    ii = r * TH + tl.arange(0, TH)
-    jj = s * TW + tl.arange(0, TW)
-    m2 = (ii[:, None] < H) & (jj[None, :] < W)
-    cell = ii[:, None] * W + jj[None, :]
-    m3 = nmask[:, None, None] & m2[None, :, :]
-    Bm = tl.load(Bm_ptr + b * s_Bb + grp * s_Bg + n[:, None, None] * s_Bn + cell[None, :, :] * s_Bl,
-                 mask=m3, other=0.0).to(tl.float32)
-    Cm = tl.load(Cm_ptr + b * s_Cb + grp * s_Cg + n[:, None, None] * s_Cn + cell[None, :, :] * s_Cl,
-                 mask=m3, other=0.0).to(tl.float32)
-    oh, kh = _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, 2)
-    ov, kv = _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, 1)
-    dB_acc = tl.zeros([NB, TH, TW], dtype=tl.float32)
-    dC_acc = tl.zeros([NB, TH, TW], dtype=tl.float32)
-
-    for c in range(c0, c0 + CB):
-        if RELOAD_BC:
-            # Re-read (from L1/L2) rather than hold: frees registers for the scans.
-            Bm = tl.load(Bm_ptr + b * s_Bb + grp * s_Bg + n[:, None, None] * s_Bn + cell[None, :, :] * s_Bl,
-                         mask=m3, other=0.0).to(tl.float32)
-            Cm = tl.load(Cm_ptr + b * s_Cb + grp * s_Cg + n[:, None, None] * s_Cn + cell[None, :, :] * s_Cl,
-                         mask=m3, other=0.0).to(tl.float32)
-        bc = b * dim + c
-        a_row = tl.load(A_ptr + c * s_Ad + n * s_An, mask=nmask, other=0.0).to(tl.float32)
-        a2 = a_row * 1.4426950408889634
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + c).to(tl.float32)
-        d_base = d_ptr + b * s_db + c * s_dd
-        dt, raw = _delta(d_base, cell * s_dl, m2, bias, SOFTPLUS)
-        uu = tl.load(u_ptr + b * s_ub + c * s_ud + cell * s_ul, mask=m2, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + b * s_ob + c * s_od + cell * s_ol, mask=m2, other=0.0).to(tl.float32)
-        dec = tl.where(m3, tl.exp2(dt[None, :, :] * a2[:, None, None]), 1.0)
-        x = Bm * (dt * uu)[None, :, :]
-        h_off = bc * N * H * NBW + oh
-        v_off = bc * N * NBH * W + ov
-
-        # Forward states, from the carries saved by the forward.
-        prod, g = _scan(dec, x, AX1, REV1)
-        if AX1 == 2:
-            if HAS_H_CARRY:
-                g = g + prod * tl.load(ch_ptr + h_off, mask=kh, other=0.0)
+    for step in range(n_steps):
+        if SWEEP:
+            k = n_steps - 1 - step if ADJ_REV1 else step
+            if AX1 == 2:
+                r = line
+                s = k
+            else:
+                r = k
+                s = line
         else:
-            if HAS_V_CARRY:
-                g = g + prod * tl.load(cv_ptr + v_off, mask=kv, other=0.0)
-        prod, h = _scan(dec, g, AX2, REV2)
-        if AX2 == 2:
-            if HAS_H_CARRY:
-                h = h + prod * tl.load(ch_ptr + h_off, mask=kh, other=0.0)
-        else:
-            if HAS_V_CARRY:
-                h = h + prod * tl.load(cv_ptr + v_off, mask=kv, other=0.0)
+            r = line // NBW
+            s = line % NBW
+        tile = r * NBW + s
+        ii = r * TH + tl.arange(0, TH)
+        jj = s * TW + tl.arange(0, TW)
+        m2 = (ii[:, None] < H) & (jj[None, :] < W)
+        cell = ii[:, None] * W + jj[None, :]
+        m3 = nmask[:, None, None] & m2[None, :, :]
+        Bm = tl.load(Bm_ptr + b * s_Bb + grp * s_Bg + n[:, None, None] * s_Bn + cell[None, :, :] * s_Bl,
+                     mask=m3, other=0.0).to(tl.float32)
+        Cm = tl.load(Cm_ptr + b * s_Cb + grp * s_Cg + n[:, None, None] * s_Cn + cell[None, :, :] * s_Cl,
+                     mask=m3, other=0.0).to(tl.float32)
+        oh, kh = _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, 2)
+        ov, kv = _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, 1)
+        dB_acc = tl.zeros([NB, TH, TW], dtype=tl.float32)
+        dC_acc = tl.zeros([NB, TH, TW], dtype=tl.float32)
 
-        # Gradient reaching y through the gate, and the gate's own gradient.
-        out_off = (b * dim + c) * L + cell
-        if HAS_Z:
-            zz = tl.load(z_ptr + b * s_zb + c * s_zd + cell * s_zl, mask=m2, other=0.0).to(tl.float32)
-            sig = 1.0 / (1.0 + tl.exp(-zz))
-            y = tl.sum(Cm * h, axis=0)
+        for c in range(c0, c0 + CB):
+            if RELOAD_BC:
+                # Re-read (from L1/L2) rather than hold: frees registers for the scans.
+                Bm = tl.load(Bm_ptr + b * s_Bb + grp * s_Bg + n[:, None, None] * s_Bn + cell[None, :, :] * s_Bl,
+                             mask=m3, other=0.0).to(tl.float32)
+                Cm = tl.load(Cm_ptr + b * s_Cb + grp * s_Cg + n[:, None, None] * s_Cn + cell[None, :, :] * s_Cl,
+                             mask=m3, other=0.0).to(tl.float32)
+            bc = b * dim + c
+            a_row = tl.load(A_ptr + c * s_Ad + n * s_An, mask=nmask, other=0.0).to(tl.float32)
+            a2 = a_row * 1.4426950408889634
+            bias = 0.0
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + c).to(tl.float32)
+            d_base = d_ptr + b * s_db + c * s_dd
+            dt, raw = _delta(d_base, cell * s_dl, m2, bias, SOFTPLUS)
+            uu = tl.load(u_ptr + b * s_ub + c * s_ud + cell * s_ul, mask=m2, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + b * s_ob + c * s_od + cell * s_ol, mask=m2, other=0.0).to(tl.float32)
+            dec = tl.where(m3, tl.exp2(dt[None, :, :] * a2[:, None, None]), 1.0)
+            x = Bm * (dt * uu)[None, :, :]
+            h_off = bc * N * H * NBW + oh
+            v_off = bc * N * NBH * W + ov
+
+            # Forward states, from the carries saved by the forward.
+            prod, g = _scan(dec, x, AX1, REV1)
+            if AX1 == 2:
+                if HAS_H_CARRY:
+                    g = g + prod * tl.load(ch_ptr + h_off, mask=kh, other=0.0)
+            else:
+                if HAS_V_CARRY:
+                    g = g + prod * tl.load(cv_ptr + v_off, mask=kv, other=0.0)
+            prod, h = _scan(dec, g, AX2, REV2)
+            if AX2 == 2:
+                if HAS_H_CARRY:
+                    h = h + prod * tl.load(ch_ptr + h_off, mask=kh, other=0.0)
+            else:
+                if HAS_V_CARRY:
+                    h = h + prod * tl.load(cv_ptr + v_off, mask=kv, other=0.0)
+
+            # Gradient reaching y through the gate, and the gate's own gradient.
+            out_off = (b * dim + c) * L + cell
+            if HAS_Z:
+                zz = tl.load(z_ptr + b * s_zb + c * s_zd + cell * s_zl, mask=m2, other=0.0).to(tl.float32)
+                sig = 1.0 / (1.0 + tl.exp(-zz))
+                y = tl.sum(Cm * h, axis=0)
+                if HAS_D:
+                    y = y + tl.load(D_ptr + c).to(tl.float32) * uu
+                tl.store(dz_ptr + out_off, dout * y * sig * (1.0 + zz * (1.0 - sig)), mask=m2)
+                dy = dout * zz * sig
+            else:
+                dy = dout
+
+            # Adjoints: the second pass backwards, then the first pass backwards.
+            dec_n = _neighbour_decay(d_base, ii, jj, H, W, s_dl, bias, a2, AX2, REV2, SOFTPLUS)
+            prod, lam2 = _scan(dec_n, Cm * dy[None, :, :], AX2, ADJ_REV2)
+            if AX2 == 2:
+                if HAS_H_CARRY:
+                    lam2 = lam2 + prod * tl.load(lh_ptr + h_off, mask=kh, other=0.0)
+            else:
+                if HAS_V_CARRY:
+                    lam2 = lam2 + prod * tl.load(lv_ptr + v_off, mask=kv, other=0.0)
+            dec_n = _neighbour_decay(d_base, ii, jj, H, W, s_dl, bias, a2, AX1, REV1, SOFTPLUS)
+            prod, lam1 = _scan(dec_n, lam2, AX1, ADJ_REV1)
+            if SWEEP:
+                # The carry left by this program's previous tile (zeros before the first one).
+                if AX1 == 2:
+                    sw_ptr = lh_ptr + bc * N * H + n[:, None, None] * H + ii[None, :, None]
+                    sw_mask = nmask[:, None, None] & (ii[None, :, None] < H)
+                else:
+                    sw_ptr = lv_ptr + bc * N * W + n[:, None, None] * W + jj[None, None, :]
+                    sw_mask = nmask[:, None, None] & (jj[None, None, :] < W)
+                lam1 = lam1 + prod * tl.load(sw_ptr, mask=sw_mask, other=0.0)
+                tl.debug_barrier()  # every thread has read the old carry before any overwrites it
+                if AX1 == 2:
+                    tl.store(sw_ptr, _last(lam1, AX1, TW, ADJ_REV1)[:, :, None], mask=sw_mask)
+                else:
+                    tl.store(sw_ptr, _last(lam1, AX1, TH, ADJ_REV1)[:, None, :], mask=sw_mask)
+                tl.debug_barrier()  # and the new carry is visible to every thread of the next tile
+            elif AX1 == 2:
+                if HAS_H_CARRY:
+                    lam1 = lam1 + prod * tl.load(lh_ptr + h_off, mask=kh, other=0.0)
+            else:
+                if HAS_V_CARRY:
+                    lam1 = lam1 + prod * tl.load(lv_ptr + v_off, mask=kv, other=0.0)
+
+            # d loss / d log(decay) = a h_prev lam2 + a g_prev lam1, where a h_prev = h - g and
+            # a g_prev = g - x.
+            dlog = tl.where(m3, (h - g) * lam2 + (g - x) * lam1, 0.0)
+            tl.store(dA_ptr + ((b * n_tiles + tile) * dim + c) * N + n,
+                     tl.sum(tl.sum(dlog * dt[None, :, :], axis=2), axis=1), mask=nmask)
+            lam_b = tl.sum(lam1 * Bm, axis=0)
+            ddt = tl.sum(dlog * a_row[:, None, None], axis=0) + lam_b * uu
+            du = lam_b * dt
             if HAS_D:
-                y = y + tl.load(D_ptr + c).to(tl.float32) * uu
-            tl.store(dz_ptr + out_off, dout * y * sig * (1.0 + zz * (1.0 - sig)), mask=m2)
-            dy = dout * zz * sig
-        else:
-            dy = dout
+                du = du + tl.load(D_ptr + c).to(tl.float32) * dy
+                tl.store(dD_ptr + (b * n_tiles + tile) * dim + c,
+                         tl.sum(tl.sum(tl.where(m2, dy * uu, 0.0), axis=1), axis=0))
+            if SOFTPLUS:
+                ddt = ddt / (1.0 + tl.exp(-raw))
+            ddt = tl.where(m2, ddt, 0.0)
+            if HAS_BIAS:
+                tl.store(dbias_ptr + (b * n_tiles + tile) * dim + c, tl.sum(tl.sum(ddt, axis=1), axis=0))
+            tl.store(du_ptr + out_off, du, mask=m2)
+            tl.store(dd_ptr + out_off, ddt, mask=m2)
+            dB_acc += lam1 * (dt * uu)[None, :, :]
+            dC_acc += h * dy[None, :, :]
 
-        # Adjoints: the second pass backwards, then the first pass backwards.
-        dec_n = _neighbour_decay(d_base, ii, jj, H, W, s_dl, bias, a2, AX2, REV2, SOFTPLUS)
-        prod, lam2 = _scan(dec_n, Cm * dy[None, :, :], AX2, ADJ_REV2)
-        if AX2 == 2:
-            if HAS_H_CARRY:
-                lam2 = lam2 + prod * tl.load(lh_ptr + h_off, mask=kh, other=0.0)
-        else:
-            if HAS_V_CARRY:
-                lam2 = lam2 + prod * tl.load(lv_ptr + v_off, mask=kv, other=0.0)
-        dec_n = _neighbour_decay(d_base, ii, jj, H, W, s_dl, bias, a2, AX1, REV1, SOFTPLUS)
-        prod, lam1 = _scan(dec_n, lam2, AX1, ADJ_REV1)
-        if AX1 == 2:
-            if HAS_H_CARRY:
-                lam1 = lam1 + prod * tl.load(lh_ptr + h_off, mask=kh, other=0.0)
-        else:
-            if HAS_V_CARRY:
-                lam1 = lam1 + prod * tl.load(lv_ptr + v_off, mask=kv, other=0.0)
-
-        # d loss / d log(decay) = a h_prev lam2 + a g_prev lam1, where a h_prev = h - g and
-        # a g_prev = g - x.
-        dlog = tl.where(m3, (h - g) * lam2 + (g - x) * lam1, 0.0)
-        tl.store(dA_ptr + ((b * n_tiles + tile) * dim + c) * N + n,
-                 tl.sum(tl.sum(dlog * dt[None, :, :], axis=2), axis=1), mask=nmask)
-        lam_b = tl.sum(lam1 * Bm, axis=0)
-        ddt = tl.sum(dlog * a_row[:, None, None], axis=0) + lam_b * uu
-        du = lam_b * dt
-        if HAS_D:
-            du = du + tl.load(D_ptr + c).to(tl.float32) * dy
-            tl.store(dD_ptr + (b * n_tiles + tile) * dim + c,
-                     tl.sum(tl.sum(tl.where(m2, dy * uu, 0.0), axis=1), axis=0))
-        if SOFTPLUS:
-            ddt = ddt / (1.0 + tl.exp(-raw))
-        ddt = tl.where(m2, ddt, 0.0)
-        if HAS_BIAS:
-            tl.store(dbias_ptr + (b * n_tiles + tile) * dim + c, tl.sum(tl.sum(ddt, axis=1), axis=0))
-        tl.store(du_ptr + out_off, du, mask=m2)
-        tl.store(dd_ptr + out_off, ddt, mask=m2)
-        dB_acc += lam1 * (dt * uu)[None, :, :]
-        dC_acc += h * dy[None, :, :]
-
-    out = (((part * batch + b) * groups + grp) * N + n[:, None, None]) * L + cell[None, :, :]
-    tl.store(dB_ptr + out, dB_acc, mask=m3)
-    tl.store(dC_ptr + out, dC_acc, mask=m3)
+        out = (((part * batch + b) * groups + grp) * N + n[:, None, None]) * L + cell[None, :, :]
+        tl.store(dB_ptr + out, dB_acc, mask=m3)
+        tl.store(dC_ptr + out, dC_acc, mask=m3)
