@@ -206,10 +206,15 @@ def main(argv=None):
     ap.add_argument("--tile-elems", default="", help="extra Triton tile budgets to time as variants")
     ap.add_argument("--reps", type=int, default=300, help="ms of timing per measurement (CUDA)")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--partials-mib", type=int, default=None, help="override the dB/dC partials budget")
     ap.add_argument("--out", default=None, help="JSON file to write")
     a = ap.parse_args(argv)
 
     device = a.device
+    if a.partials_mib is not None:
+        from mamba2d.ops import scan_triton
+
+        scan_triton.PARTIALS_BUDGET_BYTES = a.partials_mib * 2**20
     shapes = (
         [tuple(int(v) for v in s.split(",")) for s in a.shapes.split(";")]
         if a.shapes

@@ -22,6 +22,8 @@ from mamba2d.ops.layout import ScanLayout
 MAX_STATES_PER_LAUNCH = 16
 TILE_ELEMS = 2048  # NB * TH * TW of the register block each program holds
 MAX_CHANNELS_PER_PROGRAM = 32
+TARGET_PROGRAMS = 2048  # backward programs to aim for (a few per SM on an H100)
+PARTIALS_BUDGET_BYTES = 64 * 2**20  # device memory for the per-chunk dB/dC copies
 POISON_OUTPUTS = False  # tests set this to fill every output buffer with NaN before launch
 TILE_OVERRIDE: tuple[int, int] | None = None  # (TH, TW) for experiments; None = plan_tiles' choice
 NUM_WARPS_OVERRIDE: int | None = None  # for experiments
@@ -105,18 +107,21 @@ def plan_tiles(dstate: int, height: int, width: int, tile_elems: int | None = No
     return _Plan(NB, TH, TW, -(-height // TH), -(-width // TW), num_warps)
 
 
-def _channels_per_program(per_group: int, programs_per_channel: int) -> int:
-    """Channels one backward program loops over: the largest divisor of per_group up to the cap
-    that still leaves a few programs per SM, but never so small that the dB/dC partials (one
-    per chunk) outgrow 32 copies."""
-    divisors = [d for d in range(1, min(per_group, MAX_CHANNELS_PER_PROGRAM) + 1) if per_group % d == 0]
-    min_cb = max(1, per_group // 32)
-    ok = [d for d in divisors if d >= min_cb]
-    if not ok:
-        ok = [min(d for d in range(1, per_group + 1) if per_group % d == 0 and d >= min_cb)]
-    target = 2048
+def _channels_per_program(per_group: int, programs_per_channel: int, partial_bytes: int) -> int:
+    """Channels one backward program loops over (CB, a divisor of per_group).
+
+    Each chunk of CB channels writes its own float32 copy of dB and dC (``partial_bytes`` for
+    both), summed afterwards. Smaller CB means more programs (more parallelism) but more copies:
+    take the largest CB, up to MAX_CHANNELS_PER_PROGRAM, that still gives TARGET_PROGRAMS
+    programs, while keeping the copies within PARTIALS_BUDGET_BYTES.
+    """
+    divisors = [d for d in range(1, per_group + 1) if per_group % d == 0]
+    max_parts = max(1, PARTIALS_BUDGET_BYTES // max(1, partial_bytes))
+    ok = [d for d in divisors if per_group // d <= max_parts and d <= MAX_CHANNELS_PER_PROGRAM]
+    if not ok:  # the cap on CB and the memory budget disagree: memory wins
+        ok = [min(d for d in divisors if per_group // d <= max_parts)]
     for d in sorted(ok, reverse=True):
-        if programs_per_channel * (per_group // d) >= target:
+        if programs_per_channel * (per_group // d) >= TARGET_PROGRAMS:
             return d
     return min(ok)
 
@@ -229,7 +234,7 @@ def _backward(x: _Args, softplus: bool, dout: torch.Tensor, ch, cv):
 
     dev = x.u.device
     lines = x.lines_across(AX1) if sweep else p.n_tiles
-    CB = _channels_per_program(x.per_group, lines * x.batch)
+    CB = _channels_per_program(x.per_group, lines * x.batch, 2 * 4 * x.batch * x.groups * x.N * x.L)
     parts = x.per_group // CB
     du = _alloc((x.batch, x.dim, x.L), x.u.dtype, dev)
     dd = _alloc((x.batch, x.dim, x.L), x.delta.dtype, dev)

@@ -82,6 +82,13 @@ def _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _load_states(ptr, b, grp, n, cell, mask, s_b, s_g, s_n, s_l):
+    """A [NB, TH, TW] block of B or C (batch b, group grp) in float32; 0 outside ``mask``."""
+    offs = b * s_b + grp * s_g + n[:, None, None] * s_n + cell[None, :, :] * s_l
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _delta(d_ptr, off, mask, bias, SOFTPLUS: tl.constexpr):
     """Δ on a [TH, TW] tile: returns (Δ after bias and softplus, Δ before softplus)."""
     raw = tl.load(d_ptr + off, mask=mask, other=0.0).to(tl.float32) + bias
@@ -175,8 +182,7 @@ def _carry_kernel(
             if HAS_Z:
                 zz = tl.load(z_ptr + b * s_zb + c * s_zd + cell * s_zl, mask=m2, other=0.0).to(tl.float32)
                 dy = dy * zz / (1.0 + tl.exp(-zz))
-            Cm = tl.load(Cm_ptr + b * s_Cb + grp * s_Cg + n[:, None, None] * s_Cn + cell[None, :, :] * s_Cl,
-                         mask=m3, other=0.0).to(tl.float32)
+            Cm = _load_states(Cm_ptr, b, grp, n, cell, m3, s_Cb, s_Cg, s_Cn, s_Cl)
             x = Cm * dy[None, :, :]
             dec = _neighbour_decay(d_ptr + b * s_db + c * s_dd, ii, jj, H, W, s_dl, bias, a2,
                                    AXIS, FWD_REV, SOFTPLUS)
@@ -185,8 +191,7 @@ def _carry_kernel(
                                          OTHER, PRE_FWD_REV, SOFTPLUS)
         else:
             uu = tl.load(u_ptr + b * s_ub + c * s_ud + cell * s_ul, mask=m2, other=0.0).to(tl.float32)
-            Bm = tl.load(Bm_ptr + b * s_Bb + grp * s_Bg + n[:, None, None] * s_Bn + cell[None, :, :] * s_Bl,
-                         mask=m3, other=0.0).to(tl.float32)
+            Bm = _load_states(Bm_ptr, b, grp, n, cell, m3, s_Bb, s_Bg, s_Bn, s_Bl)
             x = Bm * (dt * uu)[None, :, :]
             dec = tl.where(m3, tl.exp2(dt[None, :, :] * a2[:, None, None]), 1.0)
             dec_o = dec
@@ -264,8 +269,7 @@ def _fwd_kernel(
         m3 = nmask[:, None, None] & m2[None, :, :]
         dt, _ = _delta(d_ptr + b * s_db + c * s_dd, cell * s_dl, m2, bias, SOFTPLUS)
         uu = tl.load(u_ptr + b * s_ub + c * s_ud + cell * s_ul, mask=m2, other=0.0).to(tl.float32)
-        Bm = tl.load(Bm_ptr + b * s_Bb + grp * s_Bg + n[:, None, None] * s_Bn + cell[None, :, :] * s_Bl,
-                     mask=m3, other=0.0).to(tl.float32)
+        Bm = _load_states(Bm_ptr, b, grp, n, cell, m3, s_Bb, s_Bg, s_Bn, s_Bl)
         dec = tl.where(m3, tl.exp2(dt[None, :, :] * a2[:, None, None]), 1.0)
         prod, g = _scan(dec, Bm * (dt * uu)[None, :, :], AX1, REV1)
         if HAS_C1:
@@ -286,8 +290,7 @@ def _fwd_kernel(
             carry = _last(h, AX2, TW, REV2)
         else:
             carry = _last(h, AX2, TH, REV2)
-        Cm = tl.load(Cm_ptr + b * s_Cb + grp * s_Cg + n[:, None, None] * s_Cn + cell[None, :, :] * s_Cl,
-                     mask=m3, other=0.0).to(tl.float32)
+        Cm = _load_states(Cm_ptr, b, grp, n, cell, m3, s_Cb, s_Cg, s_Cn, s_Cl)
         y = tl.sum(Cm * h, axis=0)
         if HAS_D:
             y = y + dskip * uu
@@ -355,10 +358,8 @@ def _bwd_kernel(
         m2 = (ii[:, None] < H) & (jj[None, :] < W)
         cell = ii[:, None] * W + jj[None, :]
         m3 = nmask[:, None, None] & m2[None, :, :]
-        Bm = tl.load(Bm_ptr + b * s_Bb + grp * s_Bg + n[:, None, None] * s_Bn + cell[None, :, :] * s_Bl,
-                     mask=m3, other=0.0).to(tl.float32)
-        Cm = tl.load(Cm_ptr + b * s_Cb + grp * s_Cg + n[:, None, None] * s_Cn + cell[None, :, :] * s_Cl,
-                     mask=m3, other=0.0).to(tl.float32)
+        Bm = _load_states(Bm_ptr, b, grp, n, cell, m3, s_Bb, s_Bg, s_Bn, s_Bl)
+        Cm = _load_states(Cm_ptr, b, grp, n, cell, m3, s_Cb, s_Cg, s_Cn, s_Cl)
         oh, kh = _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, 2)
         ov, kv = _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, 1)
         dB_acc = tl.zeros([NB, TH, TW], dtype=tl.float32)
@@ -367,10 +368,8 @@ def _bwd_kernel(
         for c in range(c0, c0 + CB):
             if RELOAD_BC:
                 # Re-read (from L1/L2) rather than hold: frees registers for the scans.
-                Bm = tl.load(Bm_ptr + b * s_Bb + grp * s_Bg + n[:, None, None] * s_Bn + cell[None, :, :] * s_Bl,
-                             mask=m3, other=0.0).to(tl.float32)
-                Cm = tl.load(Cm_ptr + b * s_Cb + grp * s_Cg + n[:, None, None] * s_Cn + cell[None, :, :] * s_Cl,
-                             mask=m3, other=0.0).to(tl.float32)
+                Bm = _load_states(Bm_ptr, b, grp, n, cell, m3, s_Bb, s_Bg, s_Bn, s_Bl)
+                Cm = _load_states(Cm_ptr, b, grp, n, cell, m3, s_Cb, s_Cg, s_Cn, s_Cl)
             bc = b * dim + c
             a_row = tl.load(A_ptr + c * s_Ad + n * s_An, mask=nmask, other=0.0).to(tl.float32)
             a2 = a_row * 1.4426950408889634
