@@ -39,7 +39,9 @@ GPU_SHAPES = [  # (batch, dim, dstate, H, W): the issue's list
     (32, 384, 16, 28, 28),
     (64, 768, 16, 14, 14),
 ]
-CPU_SHAPES = [(1, 64, 16, 32, 32), (1, 64, 16, 64, 64), (8, 96, 1, 28, 28), (4, 128, 16, 14, 14)]
+CPU_SHAPES = [
+    (1, 64, 16, 32, 32), (1, 64, 16, 64, 64), (1, 32, 16, 128, 128), (8, 96, 1, 28, 28), (4, 128, 16, 14, 14),
+]
 _ROOT = Path(__file__).resolve().parents[1]
 ANCHORS = _ROOT.parent / "shared" / "anchors" / "official-2dmamba-scan-h100.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -5,7 +5,7 @@ first. A pass along H then steps over contiguous slabs, and a pass along W over 
 contiguous inner rows, so each step of a recurrence is one in-place fused multiply-add on
 all other dimensions at once, and no state-sized tensor is ever transposed.
 
-Memory: the forward holds about 4 and the backward about 7 tensors of batch·dim·dstate·H·W
+Memory: the forward holds about 3 and the backward about 7 tensors of batch·dim·dstate·H·W
 elements in the working dtype (float32, or float64 for float64 inputs). Nothing of that size is
 kept between forward and backward: the backward recomputes the states. The backward builds no
 autograd graph, whatever H and W.
@@ -44,8 +44,10 @@ def _passes(layout: ScanLayout) -> tuple[tuple[int, bool], tuple[int, bool]]:
 
 def _times_predecessor(a: torch.Tensor, s: torch.Tensor, dim: int, reverse: bool) -> torch.Tensor:
     """a[t] * s[prev] along ``dim`` (zero where t has no predecessor)."""
-    out = torch.zeros_like(s)
+    out = torch.empty_like(s)
     n = s.shape[dim]
+    first = n - 1 if reverse else 0  # the cell with no predecessor
+    out.select(dim, first).zero_()
     if n > 1:
         here, before = (slice(0, n - 1), slice(1, n)) if reverse else (slice(1, n), slice(0, n - 1))
         idx_here = [slice(None)] * s.dim()
@@ -89,50 +91,47 @@ class _Views:
         H, W, batch, groups, per = t.shape
         return t.reshape(H * W, batch, groups * per).permute(1, 2, 0)
 
-    def states(self, layout: ScanLayout):
-        """Decays a, inputs x, first-pass states g and second-pass states h."""
+    def states(self, layout: ScanLayout, keep_g: bool):
+        """Decays a, and the states h of the second pass (and g of the first when ``keep_g``)."""
         a = torch.exp(self.dt * self.A)
-        x = self.dt * self.u * self.B
+        g = self.dt * self.u * self.B
         (ax1, rev1), (ax2, rev2) = _passes(layout)
-        g = x.clone()
         scan_inplace(g, a, ax1, rev1)
-        h = g.clone()
+        h = g.clone() if keep_g else g
         scan_inplace(h, a, ax2, rev2)
-        return a, x, g, h
+        return a, g, h
 
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout):
         v = _Views(u, delta, A, B, C, delta_bias, delta_softplus, layout)
-        _, _, _, h = v.states(layout)
+        _, _, h = v.states(layout, keep_g=False)
         y = v.back((h * v.C).sum(dim=-1))
         del h
         if D is not None:
             y = y + D.to(v.wd)[None, :, None] * u.to(v.wd)
         out = y * F.silu(z.to(v.wd)) if z is not None else y
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        # y (batch, dim, L) is kept for dz: cheaper than recomputing it from the states.
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, y if z is not None else None)
         ctx.delta_softplus = delta_softplus
         ctx.layout = layout
         return out.to(u.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, y = ctx.saved_tensors
         layout: ScanLayout = ctx.layout
         v = _Views(u, delta, A, B, C, delta_bias, ctx.delta_softplus, layout)
         wd = v.wd
         (ax1, rev1), (ax2, rev2) = _passes(layout)
 
-        a, x, g, h = v.states(layout)
+        a, g, h = v.states(layout, keep_g=True)
         dout = dout.to(wd)
         dz = None
         if z is not None:
             zf = z.to(wd)
             sig = torch.sigmoid(zf)
-            y = v.back((h * v.C).sum(dim=-1))
-            if D is not None:
-                y = y + D.to(wd)[None, :, None] * u.to(wd)
             dz = dout * y * sig * (1 + zf * (1 - sig))
             dy = dout * zf * sig
         else:
@@ -148,7 +147,7 @@ class _ScanFn(torch.autograd.Function):
         dlog_a = _times_predecessor(a, h, ax2, rev2).mul_(lam_h)
         del lam_h
         dlog_a.addcmul_(_times_predecessor(a, g, ax1, rev1), lam_g)
-        del a, g, x
+        del a, g
 
         dA = (dlog_a * v.dt).sum(dim=(0, 1, 2)).reshape(A.shape)
         lam_b = (lam_g * v.B).sum(dim=-1)  # Σ_n λ_g B: (H, W, batch, groups, per)
