@@ -29,8 +29,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _combine(a1, x1, a2, x2):
@@ -79,6 +77,35 @@ def _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, AXIS: tl.constexpr):
         off = (n[:, None, None] * NBH + r) * W + jj[None, None, :]
         mask = (n[:, None, None] < N) & (jj[None, None, :] < W)
     return off, mask
+
+
+@triton.jit
+def _channel_params(A_ptr, bias_ptr, c, n, nmask, s_Ad, s_An, HAS_BIAS: tl.constexpr):
+    """Channel c's A row times log2(e) (decays are exp2(Δ · that)) and its Δ bias (0 if none)."""
+    a2 = tl.load(A_ptr + c * s_Ad + n * s_An, mask=nmask, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c).to(tl.float32)
+    return a2, bias
+
+
+@triton.jit
+def _sweep_tile(line, step, n_steps, AXIS: tl.constexpr, REV: tl.constexpr):
+    """(tile row, tile column) visited at ``step`` by a program walking line ``line`` along AXIS."""
+    k = n_steps - 1 - step if REV else step
+    if AXIS == 2:
+        return line, k
+    return k, line
+
+
+@triton.jit
+def _tile_cells(r, s, H, W, nmask, TH: tl.constexpr, TW: tl.constexpr):
+    """Rows, columns, [TH, TW] mask, flat cell index and [NB, TH, TW] mask of tile (r, s)."""
+    ii = r * TH + tl.arange(0, TH)
+    jj = s * TW + tl.arange(0, TW)
+    m2 = (ii[:, None] < H) & (jj[None, :] < W)
+    cell = ii[:, None] * W + jj[None, :]
+    return ii, jj, m2, cell, nmask[:, None, None] & m2[None, :, :]
 
 
 @triton.jit
@@ -146,10 +173,7 @@ def _carry_kernel(
     grp = c // per_group
     n = tl.arange(0, NB)
     nmask = n < N
-    a2 = tl.load(A_ptr + c * s_Ad + n * s_An, mask=nmask, other=0.0).to(tl.float32) * 1.4426950408889634
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c).to(tl.float32)
+    a2, bias = _channel_params(A_ptr, bias_ptr, c, n, nmask, s_Ad, s_An, HAS_BIAS)
     OTHER: tl.constexpr = 3 - AXIS
     if AXIS == 2:
         carry = tl.zeros([NB, TH], dtype=tl.float32)
@@ -164,18 +188,8 @@ def _carry_kernel(
     else:
         pre = pre_ptr + bc * N * NBH * W
     for step in range(n_steps):
-        k = n_steps - 1 - step if REV else step
-        if AXIS == 2:
-            r = line
-            s = k
-        else:
-            r = k
-            s = line
-        ii = r * TH + tl.arange(0, TH)
-        jj = s * TW + tl.arange(0, TW)
-        m2 = (ii[:, None] < H) & (jj[None, :] < W)
-        cell = ii[:, None] * W + jj[None, :]
-        m3 = nmask[:, None, None] & m2[None, :, :]
+        r, s = _sweep_tile(line, step, n_steps, AXIS, REV)
+        ii, jj, m2, cell, m3 = _tile_cells(r, s, H, W, nmask, TH, TW)
         dt, _ = _delta(d_ptr + b * s_db + c * s_dd, cell * s_dl, m2, bias, SOFTPLUS)
         if ADJOINT:
             dy = tl.load(dout_ptr + b * s_ob + c * s_od + cell * s_ol, mask=m2, other=0.0).to(tl.float32)
@@ -239,10 +253,7 @@ def _fwd_kernel(
     grp = c // per_group
     n = tl.arange(0, NB)
     nmask = n < N
-    a2 = tl.load(A_ptr + c * s_Ad + n * s_An, mask=nmask, other=0.0).to(tl.float32) * 1.4426950408889634
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c).to(tl.float32)
+    a2, bias = _channel_params(A_ptr, bias_ptr, c, n, nmask, s_Ad, s_An, HAS_BIAS)
     dskip = 0.0
     if HAS_D:
         dskip = tl.load(D_ptr + c).to(tl.float32)
@@ -255,18 +266,8 @@ def _fwd_kernel(
         c1 = c1_ptr + bc * N * H * NBW
         c2 = c2_ptr + bc * N * NBH * W
     for step in range(n_steps):
-        k = n_steps - 1 - step if REV2 else step
-        if AX2 == 2:
-            r = line
-            s = k
-        else:
-            r = k
-            s = line
-        ii = r * TH + tl.arange(0, TH)
-        jj = s * TW + tl.arange(0, TW)
-        m2 = (ii[:, None] < H) & (jj[None, :] < W)
-        cell = ii[:, None] * W + jj[None, :]
-        m3 = nmask[:, None, None] & m2[None, :, :]
+        r, s = _sweep_tile(line, step, n_steps, AX2, REV2)
+        ii, jj, m2, cell, m3 = _tile_cells(r, s, H, W, nmask, TH, TW)
         dt, _ = _delta(d_ptr + b * s_db + c * s_dd, cell * s_dl, m2, bias, SOFTPLUS)
         uu = tl.load(u_ptr + b * s_ub + c * s_ud + cell * s_ul, mask=m2, other=0.0).to(tl.float32)
         Bm = _load_states(Bm_ptr, b, grp, n, cell, m3, s_Bb, s_Bg, s_Bn, s_Bl)
@@ -342,22 +343,12 @@ def _bwd_kernel(
     nmask = n < N
     for step in range(n_steps):
         if SWEEP:
-            k = n_steps - 1 - step if ADJ_REV1 else step
-            if AX1 == 2:
-                r = line
-                s = k
-            else:
-                r = k
-                s = line
+            r, s = _sweep_tile(line, step, n_steps, AX1, ADJ_REV1)
         else:
             r = line // NBW
             s = line % NBW
         tile = r * NBW + s
-        ii = r * TH + tl.arange(0, TH)
-        jj = s * TW + tl.arange(0, TW)
-        m2 = (ii[:, None] < H) & (jj[None, :] < W)
-        cell = ii[:, None] * W + jj[None, :]
-        m3 = nmask[:, None, None] & m2[None, :, :]
+        ii, jj, m2, cell, m3 = _tile_cells(r, s, H, W, nmask, TH, TW)
         Bm = _load_states(Bm_ptr, b, grp, n, cell, m3, s_Bb, s_Bg, s_Bn, s_Bl)
         Cm = _load_states(Cm_ptr, b, grp, n, cell, m3, s_Cb, s_Cg, s_Cn, s_Cl)
         oh, kh = _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, 2)
