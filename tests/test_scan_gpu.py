@@ -26,7 +26,7 @@ SHAPES = [
     (1, 4, 16, 1, 4096, None),
     (2, 4, 64, 33, 47, None),
 ]
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FLIP_COMBOS = list(itertools.product([False, True], repeat=3))  # (flip_h, flip_v, transpose)
 
 

@@ -72,3 +72,10 @@ def test_auto_is_torch_on_cpu():
     w = sc.make_weight(t, 1301)
     got = sc.run("auto", t, True, 4, 5, w)
     sc.check(got, sc.reference(t, True, 4, 5, w), sc.BOUND_F64, "auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_inputs(dtype):
+    # State and accumulation stay float32; only the inputs, output and gradients are rounded.
+    t = sc.make_inputs(2, 4, 16, 7, 9, dtype=dtype, seed=1400 + (dtype == torch.bfloat16))
+    _compare(t, True, 7, 9, 1400, f"{dtype}")

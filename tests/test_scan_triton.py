@@ -248,3 +248,11 @@ def test_output_dtype():
     out = selective_scan_2d(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"],
                             True, height=3, width=4, backend="triton")
     assert out.dtype == F32
+
+
+def test_float16_inputs_tiled():
+    # fp16 loads and stores through every kernel, with carries crossing tiles both ways.
+    H, W = 5, 7
+    tile_elems = _tiling_both_axes(2, H, W)
+    t = sc.make_inputs(1, 2, 2, H, W, dtype=torch.float16, device=DEVICE, seed=2600)
+    _compare(t, True, H, W, 2600, f"fp16 tile_elems={tile_elems}", tile_elems=tile_elems)
