@@ -270,7 +270,7 @@ class _TritonScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout, out_dtype, tile_elems):
         x = _Args(u, delta, A, B, C, D, z, delta_bias, layout, tile_elems)
-        save = torch.is_grad_enabled() or any(ctx.needs_input_grad[:8])
+        save = any(ctx.needs_input_grad[:8])  # only then keep the second-pass carries
         y, ch, cv = _forward(x, delta_softplus, save, out_dtype)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ch, cv)
         ctx.delta_softplus = delta_softplus
