@@ -173,7 +173,7 @@ class _Args:
                     SOFTPLUS=bool(softplus), num_warps=p.num_warps)
 
 
-def _carries(k, x: _Args, out_grad, axis, adjoint, pre, softplus, fwd_rev, pre_fwd_rev):
+def _carries(k, x: _Args, out_grad, axis, adjoint, softplus, fwd_rev):
     """Launch ``_carry_kernel`` along ``axis``; returns the carry buffer it fills."""
     buf = x.carry_buffer(axis)
     grid = (x.batch * x.dim, x.lines_across(axis))
@@ -181,13 +181,11 @@ def _carries(k, x: _Args, out_grad, axis, adjoint, pre, softplus, fwd_rev, pre_f
     dstr = out_grad.stride() if out_grad is not None else (0, 0, 0)
     ck = k._carry_kernel[grid](
         x.u, x.delta, dout, x.opt(x.z), x.A, x.B, x.C, x.opt(x.bias),
-        x.dummy if pre is None else pre, buf,
+        buf,
         x.dim, x.N, x.H, x.W, x.plan.NBH, x.plan.NBW, x.per_group, x.tiles_along(axis),
         *x.u.stride(), *x.delta.stride(), *x.z_strides(), *dstr, *x.bc_strides(),
         AXIS=axis, REV=(not fwd_rev) if adjoint else fwd_rev, FWD_REV=fwd_rev, ADJOINT=adjoint,
-        PRESCAN=pre_fwd_rev is not None, PRE_CARRY=pre is not None,
-        PRE_REV=(not pre_fwd_rev) if pre_fwd_rev is not None else False,
-        PRE_FWD_REV=bool(pre_fwd_rev), HAS_Z=x.z is not None, **x.flags(softplus),
+        HAS_Z=x.z is not None, **x.flags(softplus),
     )
     _log(f"carry(axis={axis},adjoint={adjoint})", ck, grid)
     return buf
@@ -199,7 +197,7 @@ def _forward(x: _Args, softplus: bool, save: bool, out_dtype: torch.dtype):
     AX1, AX2 = x.AX1, 3 - x.AX1
     c1 = None
     if x.tiles_along(AX1) > 1:
-        c1 = _carries(k, x, None, AX1, False, None, softplus, x.REV1, None)
+        c1 = _carries(k, x, None, AX1, False, softplus, x.REV1)
     c2 = x.carry_buffer(AX2) if save and x.tiles_along(AX2) > 1 else None
     y = _alloc((x.batch, x.dim, x.L), out_dtype, x.u.device)
     grid = (x.batch * x.dim, x.lines_across(AX2))
@@ -222,7 +220,7 @@ def _backward(x: _Args, softplus: bool, dout: torch.Tensor, ch, cv):
     p = x.plan
     l2 = None
     if x.tiles_along(AX2) > 1:
-        l2 = _carries(k, x, dout, AX2, True, None, softplus, x.REV2, None)
+        l2 = _carries(k, x, dout, AX2, True, softplus, x.REV2)
     # The first pass's adjoint carries are handed along inside the backward kernel itself,
     # which then walks each line of tiles along the first pass's axis (SWEEP).
     sweep = x.tiles_along(AX1) > 1

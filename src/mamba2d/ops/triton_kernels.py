@@ -7,21 +7,23 @@ axis 1 the vertical one (H). ``AX1`` / ``AX2`` are the axes of the first and sec
 toward lower indices (``flip_h`` / ``flip_v``).
 
 Per state and pass, a recurrence s[t] = a[t] s[t-1] + x[t] crosses tile borders only through
-one number per line: the state entering the tile ("carry"). Carries are tiny
-(batch, dim, dstate, H, n_tile_cols) and (batch, dim, dstate, n_tile_rows, W) float32 arrays:
+one number per line: the state entering the tile ("carry"). Carries are
+(batch, dim, dstate, H, n_tile_cols) and (batch, dim, dstate, n_tile_rows, W) float32 arrays
+(1/TW and 1/TH of the state's size):
 - ``CH`` holds carries of the horizontal pass, ``CV`` of the vertical pass (forward states);
 - ``LH`` / ``LV`` hold the same for the adjoint recurrences of the backward.
 The tile interiors, (batch, dim, dstate, H, W) in size, never leave registers.
 
 Kernels:
 - ``_carry_kernel``: sweeps tiles along one axis and writes the carries entering every tile:
-  forward first-pass carries, and both adjoint carries of the backward.
+  the forward's first-pass carries, and the backward's second-pass adjoint carries.
 - ``_fwd_kernel``: sweeps tiles along the second pass's axis, running both passes with the
   first-pass carries read from ``_carry_kernel``, and writes y (and the second-pass carries
   when the backward will need them).
-- ``_bwd_kernel``: one program per tile and chunk of channels; every carry is known, so tiles
-  are independent. Recomputes the states, runs both adjoint passes, writes du, ddelta, dz and
-  per-program partial sums of dA, dD, ddelta_bias, and of dB, dC over its channels.
+- ``_bwd_kernel``: one program per line of tiles along the first pass (or per tile when one
+  tile spans that axis) and chunk of channels. Recomputes the states from the saved carries,
+  runs both adjoint passes (handing the first pass's adjoint carry from tile to tile), writes
+  du, ddelta, dz and partial sums of dA, dD, ddelta_bias, and of dB, dC over its channels.
 """
 
 from __future__ import annotations
@@ -151,13 +153,12 @@ def _neighbour_decay(d_ptr, ii, jj, H, W, s_l, bias, a2, AXIS: tl.constexpr, REV
 @triton.jit
 def _carry_kernel(
     u_ptr, d_ptr, dout_ptr, z_ptr, A_ptr, Bm_ptr, Cm_ptr, bias_ptr,
-    pre_ptr, out_ptr,
+    out_ptr,
     dim, N, H, W, NBH, NBW, per_group, n_steps,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_Ad, s_An,
     NB: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     AXIS: tl.constexpr, REV: tl.constexpr, FWD_REV: tl.constexpr, ADJOINT: tl.constexpr,
-    PRESCAN: tl.constexpr, PRE_CARRY: tl.constexpr, PRE_REV: tl.constexpr, PRE_FWD_REV: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     """Write the carries entering every tile of one line of tiles along AXIS.
@@ -165,9 +166,7 @@ def _carry_kernel(
     Forward (ADJOINT=0): the first pass's recurrence of x = Δ B u with decays a.
     Adjoint (ADJOINT=1): the backward recurrence of x = C dy with the successor's decays,
     run against the forward direction (REV is then the adjoint's own direction, FWD_REV the
-    forward's; PRE_REV / PRE_FWD_REV the same for the other axis).
-    PRESCAN: x first goes through the other axis's adjoint recurrence, with the carries in
-    ``pre_ptr`` when PRE_CARRY.
+    forward's).
     Grid: (batch * dim, number of tile lines across AXIS).
     """
     bc = tl.program_id(0)
@@ -178,7 +177,6 @@ def _carry_kernel(
     n = tl.arange(0, NB)
     nmask = n < N
     a2, bias = _channel_params(A_ptr, bias_ptr, c, n, nmask, s_Ad, s_An, HAS_BIAS)
-    OTHER: tl.constexpr = 3 - AXIS
     if AXIS == 2:
         carry = tl.zeros([NB, TH], dtype=tl.float32)
     else:
@@ -187,14 +185,9 @@ def _carry_kernel(
         carries = out_ptr + bc * N * H * NBW
     else:
         carries = out_ptr + bc * N * NBH * W
-    if OTHER == 2:
-        pre = pre_ptr + bc * N * H * NBW
-    else:
-        pre = pre_ptr + bc * N * NBH * W
     for step in range(n_steps):
         r, s = _sweep_tile(line, step, n_steps, AXIS, REV)
         ii, jj, m2, cell, m3 = _tile_cells(r, s, H, W, nmask, TH, TW)
-        dt, _ = _delta(d_ptr + b * s_db + c * s_dd, cell * s_dl, m2, bias, SOFTPLUS)
         if ADJOINT:
             dy = tl.load(dout_ptr + b * s_ob + c * s_od + cell * s_ol, mask=m2, other=0.0).to(tl.float32)
             if HAS_Z:
@@ -204,20 +197,12 @@ def _carry_kernel(
             x = Cm * dy[None, :, :]
             dec = _neighbour_decay(d_ptr + b * s_db + c * s_dd, ii, jj, H, W, s_dl, bias, a2,
                                    AXIS, FWD_REV, SOFTPLUS)
-            if PRESCAN:
-                dec_o = _neighbour_decay(d_ptr + b * s_db + c * s_dd, ii, jj, H, W, s_dl, bias, a2,
-                                         OTHER, PRE_FWD_REV, SOFTPLUS)
         else:
+            dt, _ = _delta(d_ptr + b * s_db + c * s_dd, cell * s_dl, m2, bias, SOFTPLUS)
             uu = tl.load(u_ptr + b * s_ub + c * s_ud + cell * s_ul, mask=m2, other=0.0).to(tl.float32)
             Bm = _load_states(Bm_ptr, b, grp, n, cell, m3, s_Bb, s_Bg, s_Bn, s_Bl)
             x = Bm * (dt * uu)[None, :, :]
             dec = tl.where(m3, tl.exp2(dt[None, :, :] * a2[:, None, None]), 1.0)
-            dec_o = dec
-        if PRESCAN:
-            prod, x = _scan(dec_o, x, OTHER, PRE_REV)
-            if PRE_CARRY:
-                po, pm = _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, OTHER)
-                x = x + prod * tl.load(pre + po, mask=pm, other=0.0)
         co, cm = _carry_offsets(n, ii, jj, r, s, N, H, W, NBH, NBW, AXIS)
         if AXIS == 2:
             tl.store(carries + co, carry[:, :, None], mask=cm)
