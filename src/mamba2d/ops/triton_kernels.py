@@ -39,16 +39,6 @@ def _combine(a1, x1, a2, x2):
 
 
 @triton.jit
-def _add2(a1, b1, a2, b2):
-    return a1 + a2, b1 + b2
-
-
-@triton.jit
-def _add3(a1, b1, c1, a2, b2, c2):
-    return a1 + a2, b1 + b2, c1 + c2
-
-
-@triton.jit
 def _softplus(x):
     # Accurate at both ends: exp(x) for x << 0, x for x >> 0.
     return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
@@ -391,11 +381,15 @@ def _bwd_kernel(
                 if HAS_V_CARRY:
                     h = h + prod * tl.load(cv_ptr + v_off, mask=kv, other=0.0)
 
-            # Gradient reaching y through the gate (the gate's own gradient comes below).
+            # Gradient reaching y through the gate, and the gate's own gradient.
             out_off = (b * dim + c) * L + cell
             if HAS_Z:
                 zz = tl.load(z_ptr + b * s_zb + c * s_zd + cell * s_zl, mask=m2, other=0.0).to(tl.float32)
                 sig = 1.0 / (1.0 + tl.exp(-zz))
+                y = tl.sum(Cm * h, axis=0)
+                if HAS_D:
+                    y = y + tl.load(D_ptr + c).to(tl.float32) * uu
+                tl.store(dz_ptr + out_off, dout * y * sig * (1.0 + zz * (1.0 - sig)), mask=m2)
                 dy = dout * zz * sig
             else:
                 dy = dout
@@ -438,15 +432,8 @@ def _bwd_kernel(
             dlog = tl.where(m3, (h - g) * lam2 + (g - x) * lam1, 0.0)
             tl.store(dA_ptr + ((b * n_tiles + tile) * dim + c) * N + n,
                      tl.sum(tl.sum(dlog * dt[None, :, :], axis=2), axis=1), mask=nmask)
-            # The sums over states, in one reduction (one trip through shared memory, not three).
-            if HAS_Z:
-                dlog_a, lam_b, y = tl.reduce((dlog * a_row[:, None, None], lam1 * Bm, Cm * h), 0, _add3)
-                if HAS_D:
-                    y = y + tl.load(D_ptr + c).to(tl.float32) * uu
-                tl.store(dz_ptr + out_off, dout * y * sig * (1.0 + zz * (1.0 - sig)), mask=m2)
-            else:
-                dlog_a, lam_b = tl.reduce((dlog * a_row[:, None, None], lam1 * Bm), 0, _add2)
-            ddt = dlog_a + lam_b * uu
+            lam_b = tl.sum(lam1 * Bm, axis=0)
+            ddt = tl.sum(dlog * a_row[:, None, None], axis=0) + lam_b * uu
             du = lam_b * dt
             if HAS_D:
                 du = du + tl.load(D_ptr + c).to(tl.float32) * dy
