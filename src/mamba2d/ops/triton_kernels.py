@@ -51,6 +51,21 @@ def _scan(a, x, AXIS: tl.constexpr, REV: tl.constexpr):
 
 
 @triton.jit
+def _scan_with_carry(dec, x, AXIS: tl.constexpr, REV: tl.constexpr, h_ptr, v_ptr, h_off, v_off, kh, kv,
+                     HAS_H: tl.constexpr, HAS_V: tl.constexpr):
+    """``_scan`` along AXIS plus the carry entering the tile: from ``h_ptr`` for the horizontal
+    axis, from ``v_ptr`` for the vertical one (when that axis has more than one tile)."""
+    prod, s = _scan(dec, x, AXIS, REV)
+    if AXIS == 2:
+        if HAS_H:
+            s = s + prod * tl.load(h_ptr + h_off, mask=kh, other=0.0)
+    else:
+        if HAS_V:
+            s = s + prod * tl.load(v_ptr + v_off, mask=kv, other=0.0)
+    return s
+
+
+@triton.jit
 def _last(t, AXIS: tl.constexpr, SIZE: tl.constexpr, REV: tl.constexpr):
     """The element of [NB, TH, TW] block ``t`` that a scan along AXIS visits last; AXIS dropped."""
     idx = tl.arange(0, SIZE)
@@ -366,20 +381,10 @@ def _bwd_kernel(
             v_off = bc * N * NBH * W + ov
 
             # Forward states, from the carries saved by the forward.
-            prod, g = _scan(dec, x, AX1, REV1)
-            if AX1 == 2:
-                if HAS_H_CARRY:
-                    g = g + prod * tl.load(ch_ptr + h_off, mask=kh, other=0.0)
-            else:
-                if HAS_V_CARRY:
-                    g = g + prod * tl.load(cv_ptr + v_off, mask=kv, other=0.0)
-            prod, h = _scan(dec, g, AX2, REV2)
-            if AX2 == 2:
-                if HAS_H_CARRY:
-                    h = h + prod * tl.load(ch_ptr + h_off, mask=kh, other=0.0)
-            else:
-                if HAS_V_CARRY:
-                    h = h + prod * tl.load(cv_ptr + v_off, mask=kv, other=0.0)
+            g = _scan_with_carry(dec, x, AX1, REV1, ch_ptr, cv_ptr, h_off, v_off, kh, kv,
+                                 HAS_H_CARRY, HAS_V_CARRY)
+            h = _scan_with_carry(dec, g, AX2, REV2, ch_ptr, cv_ptr, h_off, v_off, kh, kv,
+                                 HAS_H_CARRY, HAS_V_CARRY)
 
             # Gradient reaching y through the gate, and the gate's own gradient.
             out_off = (b * dim + c) * L + cell
@@ -396,16 +401,11 @@ def _bwd_kernel(
 
             # Adjoints: the second pass backwards, then the first pass backwards.
             dec_n = _neighbour_decay(d_base, ii, jj, H, W, s_dl, bias, a2, AX2, REV2, SOFTPLUS)
-            prod, lam2 = _scan(dec_n, Cm * dy[None, :, :], AX2, ADJ_REV2)
-            if AX2 == 2:
-                if HAS_H_CARRY:
-                    lam2 = lam2 + prod * tl.load(lh_ptr + h_off, mask=kh, other=0.0)
-            else:
-                if HAS_V_CARRY:
-                    lam2 = lam2 + prod * tl.load(lv_ptr + v_off, mask=kv, other=0.0)
+            lam2 = _scan_with_carry(dec_n, Cm * dy[None, :, :], AX2, ADJ_REV2, lh_ptr, lv_ptr, h_off, v_off,
+                                    kh, kv, HAS_H_CARRY, HAS_V_CARRY)
             dec_n = _neighbour_decay(d_base, ii, jj, H, W, s_dl, bias, a2, AX1, REV1, SOFTPLUS)
-            prod, lam1 = _scan(dec_n, lam2, AX1, ADJ_REV1)
             if SWEEP:
+                prod, lam1 = _scan(dec_n, lam2, AX1, ADJ_REV1)
                 # The carry left by this program's previous tile (zeros before the first one).
                 if AX1 == 2:
                     sw_ptr = lh_ptr + bc * N * H + n[:, None, None] * H + ii[None, :, None]
@@ -420,12 +420,9 @@ def _bwd_kernel(
                 else:
                     tl.store(sw_ptr, _last(lam1, AX1, TH, ADJ_REV1)[:, None, :], mask=sw_mask)
                 tl.debug_barrier()  # and the new carry is visible to every thread of the next tile
-            elif AX1 == 2:
-                if HAS_H_CARRY:
-                    lam1 = lam1 + prod * tl.load(lh_ptr + h_off, mask=kh, other=0.0)
             else:
-                if HAS_V_CARRY:
-                    lam1 = lam1 + prod * tl.load(lv_ptr + v_off, mask=kv, other=0.0)
+                lam1 = _scan_with_carry(dec_n, lam2, AX1, ADJ_REV1, lh_ptr, lv_ptr, h_off, v_off, kh, kv,
+                                        HAS_H_CARRY, HAS_V_CARRY)
 
             # d loss / d log(decay) = a h_prev lam2 + a g_prev lam1, where a h_prev = h - g and
             # a g_prev = g - x.
