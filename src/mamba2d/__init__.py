@@ -1,8 +1,13 @@
 """2DMamba: 2D selective state-space scans for whole-slide images and vision."""
 
+from mamba2d.data import PatchGrid, patch_grid
+from mamba2d.mil import MILOutput, TwoDMambaMIL
 from mamba2d.nn import Mamba2D, Mamba2DBlock
 from mamba2d.ops import ScanLayout, selective_scan_2d
 
 __version__ = "0.1.0"
 
-__all__ = ["Mamba2D", "Mamba2DBlock", "ScanLayout", "__version__", "selective_scan_2d"]
+__all__ = [
+    "MILOutput", "Mamba2D", "Mamba2DBlock", "PatchGrid", "ScanLayout", "TwoDMambaMIL", "__version__",
+    "patch_grid", "selective_scan_2d",
+]

@@ -1,1 +1,5 @@
-"""Multiple-instance learning models for whole-slide images built on the 2D scan."""
+"""2DMambaMIL and the multiple-instance learning baselines it is compared with."""
+
+from mamba2d.mil.mamba2dmil import MILOutput, TwoDMambaMIL
+
+__all__ = ["MILOutput", "TwoDMambaMIL"]
