@@ -4,10 +4,11 @@ from mamba2d.data import PatchGrid, patch_grid
 from mamba2d.mil import MILOutput, TwoDMambaMIL
 from mamba2d.nn import Mamba2D, Mamba2DBlock
 from mamba2d.ops import ScanLayout, selective_scan_2d
+from mamba2d.train import nll_survival_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MILOutput", "Mamba2D", "Mamba2DBlock", "PatchGrid", "ScanLayout", "TwoDMambaMIL", "__version__",
-    "patch_grid", "selective_scan_2d",
+    "nll_survival_loss", "patch_grid", "selective_scan_2d",
 ]
