@@ -1,7 +1,7 @@
 """2DMamba: 2D selective state-space scans for whole-slide images and vision."""
 
 from mamba2d.data import PatchGrid, patch_grid
-from mamba2d.mil import MILOutput, TwoDMambaMIL
+from mamba2d.mil import MILOutput, TwoDMambaMIL, build_model
 from mamba2d.nn import Mamba2D, Mamba2DBlock
 from mamba2d.ops import ScanLayout, selective_scan_2d
 from mamba2d.train import nll_survival_loss
@@ -10,5 +10,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MILOutput", "Mamba2D", "Mamba2DBlock", "PatchGrid", "ScanLayout", "TwoDMambaMIL", "__version__",
-    "nll_survival_loss", "patch_grid", "selective_scan_2d",
+    "build_model", "nll_survival_loss", "patch_grid", "selective_scan_2d",
 ]

@@ -3,45 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
 from mamba2d.data.grid import patch_grid
+from mamba2d.mil.common import MILOutput, check_bag, heads_output
 from mamba2d.nn import Mamba2DBlock
-
-
-@dataclass
-class MILOutput:
-    """What a MIL model returns for one slide.
-
-    ``logits``: (n_outputs,). Classification: ``probs`` = softmax(logits). Survival (discrete
-    time, n_bins outputs): ``hazards`` = sigmoid(logits), ``survival`` = cumprod(1 - hazards),
-    ``risk`` = -sum(survival) (higher means shorter survival).
-    ``attention``: (N,) pooling weight of each input patch, in input order (pads excluded).
-    ``embedding``: (d_model,) pooled slide embedding, when asked for.
-    """
-
-    logits: torch.Tensor
-    attention: torch.Tensor
-    probs: torch.Tensor | None = None
-    hazards: torch.Tensor | None = None
-    survival: torch.Tensor | None = None
-    risk: torch.Tensor | None = None
-    embedding: torch.Tensor | None = None
-
-
-def heads_output(logits: torch.Tensor, task: str, attention: torch.Tensor,
-                 embedding: torch.Tensor | None) -> MILOutput:
-    """Fill a :class:`MILOutput` from head logits for ``task`` ("classification" or "survival")."""
-    if task == "classification":
-        return MILOutput(logits, attention, probs=logits.softmax(-1), embedding=embedding)
-    hazards = torch.sigmoid(logits)
-    survival = torch.cumprod(1 - hazards, dim=-1)
-    return MILOutput(logits, attention, hazards=hazards, survival=survival, risk=-survival.sum(-1),
-                     embedding=embedding)
 
 
 class TwoDMambaMIL(nn.Module):
@@ -59,6 +28,9 @@ class TwoDMambaMIL(nn.Module):
     5. LayerNorm, then attention pooling Linear(d_model, 128)-Tanh-Linear(128, 1). The softmax runs
        over tissue cells only; ``pool_pads=True`` pools over pads too, as the official code does.
     6. Classification head Linear(d_model, n_classes), or survival hazards over ``n_classes`` bins.
+
+    ``scan="raster"`` is the 1D ablation: the very same model, but the grid (pads included) is
+    scanned as one row in raster order, so "2D vs 1D" differs only in the scan.
     """
 
     def __init__(
@@ -77,15 +49,18 @@ class TwoDMambaMIL(nn.Module):
         conv: Literal["1d", "2d"] = "1d",
         directions: Literal[1, 2, 4] = 1,
         snap: Literal["error", "round"] = "error",
+        scan: Literal["2d", "raster"] = "2d",
         backend: str = "auto",
     ) -> None:
         super().__init__()
         if task not in ("classification", "survival"):
             raise ValueError(f"task must be 'classification' or 'survival', got {task!r}")
+        if scan not in ("2d", "raster"):
+            raise ValueError(f"scan must be '2d' or 'raster', got {scan!r}")
         if pad not in ("learnable", "zeros"):
             raise ValueError(f"pad must be 'learnable' or 'zeros', got {pad!r}")
         self.in_dim, self.task, self.d_model = in_dim, task, d_model
-        self.pool_pads, self.snap = pool_pads, snap
+        self.pool_pads, self.snap, self.scan = pool_pads, snap, scan
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
         self.pad_token = nn.Parameter(torch.rand(d_model)) if pad == "learnable" else None
         self.pos_embed = nn.Linear(2, d_model) if pos_embed else None
@@ -99,12 +74,7 @@ class TwoDMambaMIL(nn.Module):
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor, patch_size: float,
                 return_embedding: bool = False) -> MILOutput:
-        if features.dim() != 2 or features.shape[1] != self.in_dim:
-            raise ValueError(f"features must be (N, in_dim={self.in_dim}), got {tuple(features.shape)}")
-        if coords.shape[0] != features.shape[0]:
-            raise ValueError(f"coords has {coords.shape[0]} rows but features has {features.shape[0]}")
-        if not torch.isfinite(features).all():
-            raise ValueError("features contain NaN or infinite values")
+        check_bag(features, coords, self.in_dim)
         grid = patch_grid(coords, patch_size, snap=self.snap)
         H, W = grid.height, grid.width
         h = self.embed(features)
@@ -113,7 +83,10 @@ class TwoDMambaMIL(nn.Module):
             h = h + self.pos_embed(pos)
         fill = self.pad_token.to(h.dtype) if self.pad_token is not None else h.new_zeros(self.d_model)
         canvas = fill.expand(H * W, self.d_model).clone()
-        canvas = canvas.index_copy(0, grid.flat, h).reshape(1, H, W, self.d_model)
+        canvas = canvas.index_copy(0, grid.flat, h)
+        # "raster": the same grid, pads included, scanned as one 1 x (H * W) row (the 1D ablation).
+        shape = (1, 1, H * W) if self.scan == "raster" else (1, H, W)
+        canvas = canvas.reshape(*shape, self.d_model)
         for layer in self.layers:
             canvas = layer(canvas)
         cells = self.norm(canvas.reshape(H * W, self.d_model))

@@ -1,0 +1,125 @@
+"""MIL baselines with 2DMambaMIL's interface: ``forward(features, coords, patch_size) -> MILOutput``.
+
+Models that do not use the grid accept coords and patch_size and ignore them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mamba2d.mil.common import MILOutput, check_bag, heads_output
+from mamba2d.nn import Mamba2DBlock
+
+Task = Literal["classification", "survival"]
+
+
+class _Embed(nn.Sequential):
+    """Linear(in_dim, d_model) + GELU + Dropout, the input projection all models share."""
+
+    def __init__(self, in_dim: int, d_model: int, dropout: float) -> None:
+        super().__init__(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
+
+
+class MeanMIL(nn.Module):
+    """Mean of the embedded patches, then a linear head. Attention is uniform."""
+
+    def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 128,
+                 dropout: float = 0.25) -> None:
+        super().__init__()
+        self.in_dim, self.task = in_dim, task
+        self.embed = _Embed(in_dim, d_model, dropout)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, features, coords=None, patch_size=None, return_embedding=False) -> MILOutput:
+        check_bag(features, coords, self.in_dim)
+        h = self.embed(features)
+        emb = h.mean(dim=0)
+        weights = torch.full((h.shape[0],), 1.0 / h.shape[0], device=h.device, dtype=h.dtype)
+        return heads_output(self.head(emb), self.task, weights, emb if return_embedding else None)
+
+
+class MaxMIL(nn.Module):
+    """Per-channel max over the embedded patches, then a linear head.
+
+    Attention: each patch's share of the channels where it is the maximum.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 128,
+                 dropout: float = 0.25) -> None:
+        super().__init__()
+        self.in_dim, self.task = in_dim, task
+        self.embed = _Embed(in_dim, d_model, dropout)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, features, coords=None, patch_size=None, return_embedding=False) -> MILOutput:
+        check_bag(features, coords, self.in_dim)
+        h = self.embed(features)
+        emb, arg = h.max(dim=0)
+        weights = torch.bincount(arg, minlength=h.shape[0]).to(h.dtype) / h.shape[1]
+        return heads_output(self.head(emb), self.task, weights, emb if return_embedding else None)
+
+
+class GatedAttention(nn.Module):
+    """Gated attention scores (Ilse et al. 2018): w^T (tanh(V h) * sigmoid(U h)). (N, d) -> (N,)."""
+
+    def __init__(self, d_model: int, d_attn: int = 128, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.V = nn.Sequential(nn.Linear(d_model, d_attn), nn.Tanh(), nn.Dropout(dropout))
+        self.U = nn.Sequential(nn.Linear(d_model, d_attn), nn.Sigmoid(), nn.Dropout(dropout))
+        self.w = nn.Linear(d_attn, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.w(self.V(h) * self.U(h)).squeeze(-1)
+
+
+class ABMIL(nn.Module):
+    """Attention-based MIL with gated attention (Ilse, Tomczak and Welling, ICML 2018)."""
+
+    def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 128,
+                 dropout: float = 0.25) -> None:
+        super().__init__()
+        self.in_dim, self.task = in_dim, task
+        self.embed = _Embed(in_dim, d_model, dropout)
+        self.attention = GatedAttention(d_model)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, features, coords=None, patch_size=None, return_embedding=False) -> MILOutput:
+        check_bag(features, coords, self.in_dim)
+        h = self.embed(features)
+        weights = self.attention(h).softmax(dim=0)
+        emb = weights @ h
+        return heads_output(self.head(emb), self.task, weights, emb if return_embedding else None)
+
+
+class MambaMIL(nn.Module):
+    """MambaMIL (Yang et al., MICCAI 2024): residual Mamba layers over the patch sequence in its
+    input order, then attention pooling. The 1D scan is the 2D operator on a 1 x N grid, so no
+    separate kernel exists. The sequence-reordering (SR) branch of the paper is not included yet.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 128,
+                 n_layers: int = 2, d_state: int = 16, dropout: float = 0.25, backend: str = "auto") -> None:
+        super().__init__()
+        self.in_dim, self.task = in_dim, task
+        self.embed = _Embed(in_dim, d_model, dropout)
+        self.layers = nn.ModuleList(
+            Mamba2DBlock(d_model, d_state=d_state, dt_rank=math.ceil(d_model / 16), conv="1d",
+                         backend=backend)
+            for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.attention = nn.Sequential(nn.Linear(d_model, 128), nn.Tanh(), nn.Linear(128, 1))
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, features, coords=None, patch_size=None, return_embedding=False) -> MILOutput:
+        check_bag(features, coords, self.in_dim)
+        h = self.embed(features)[None, None]  # (1, 1, N, d_model): a one-row grid
+        for layer in self.layers:
+            h = layer(h)
+        h = self.norm(h[0, 0])
+        weights = self.attention(h).squeeze(-1).softmax(dim=0)
+        emb = weights @ h
+        return heads_output(self.head(emb), self.task, weights, emb if return_embedding else None)
