@@ -42,7 +42,7 @@ def test_outputs(name, n, task):
         assert (out.survival[1:] <= out.survival[:-1]).all()
 
 
-@pytest.mark.parametrize("name", ["abmil", "meanmil", "maxmil", "2dmambamil"])
+@pytest.mark.parametrize("name", ["abmil", "dsmil", "meanmil", "maxmil", "2dmambamil"])
 def test_order_invariant_models(name):
     feats, coords = _slide(17, seed=1)
     m = _build(name, seed=1)

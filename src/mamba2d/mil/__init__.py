@@ -1,9 +1,11 @@
 """2DMambaMIL and the multiple-instance learning baselines it is compared with."""
 
-from mamba2d.mil.baselines import ABMIL, MambaMIL, MaxMIL, MeanMIL
+from mamba2d.mil.baselines import ABMIL, DSMIL, MambaMIL, MaxMIL, MeanMIL
 from mamba2d.mil.common import MILOutput
 from mamba2d.mil.mamba2dmil import TwoDMambaMIL
 from mamba2d.mil.registry import MODELS, build_model, count_parameters
 
-__all__ = ["ABMIL", "MODELS", "MILOutput", "MambaMIL", "MaxMIL", "MeanMIL", "TwoDMambaMIL", "build_model",
-           "count_parameters"]
+__all__ = [
+    "ABMIL", "DSMIL", "MODELS", "MILOutput", "MambaMIL", "MaxMIL", "MeanMIL", "TwoDMambaMIL", "build_model",
+    "count_parameters",
+]

@@ -123,3 +123,36 @@ class MambaMIL(nn.Module):
         weights = self.attention(h).squeeze(-1).softmax(dim=0)
         emb = weights @ h
         return heads_output(self.head(emb), self.task, weights, emb if return_embedding else None)
+
+
+class DSMIL(nn.Module):
+    """Dual-stream MIL (Li, Li and Eliceiri, CVPR 2021).
+
+    Stream 1: an instance classifier scores every patch; per class, the top-scoring ("critical")
+    patch is kept. Stream 2: every patch is attended against each critical patch,
+    softmax(<q(h_i), q(h_crit)> / sqrt(d_q)) over patches, and the attended bag (n_classes, d) is
+    classified by a 1D convolution over its features. ``logits`` is the mean of the two streams'
+    scores (the paper's prediction); ``attention`` is stream 2's weight averaged over classes.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 128,
+                 dropout: float = 0.25, d_query: int = 128) -> None:
+        super().__init__()
+        self.in_dim, self.task, self.d_query = in_dim, task, d_query
+        self.embed = _Embed(in_dim, d_model, dropout)
+        self.instance_head = nn.Linear(d_model, n_classes)
+        self.query = nn.Sequential(nn.Linear(d_model, d_query), nn.Tanh())
+        self.bag_head = nn.Conv1d(n_classes, n_classes, kernel_size=d_model)
+
+    def forward(self, features, coords=None, patch_size=None, return_embedding=False) -> MILOutput:
+        check_bag(features, coords, self.in_dim)
+        h = self.embed(features)  # (N, d)
+        scores = self.instance_head(h)  # (N, C)
+        critical = h[scores.argmax(dim=0)]  # (C, d)
+        q = self.query(h)
+        weights = (q @ self.query(critical).t() / self.d_query**0.5).softmax(dim=0)  # (N, C)
+        bag = weights.t() @ h  # (C, d)
+        bag_logits = self.bag_head(bag[None]).reshape(-1)  # (C,)
+        logits = 0.5 * (scores.max(dim=0).values + bag_logits)
+        emb = bag.mean(dim=0)
+        return heads_output(logits, self.task, weights.mean(dim=1), emb if return_embedding else None)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from mamba2d.mil.baselines import ABMIL, MambaMIL, MaxMIL, MeanMIL
+from mamba2d.mil.baselines import ABMIL, DSMIL, MambaMIL, MaxMIL, MeanMIL
 from mamba2d.mil.mamba2dmil import TwoDMambaMIL
 
 MODELS: dict[str, type[nn.Module]] = {
     "2dmambamil": TwoDMambaMIL,
     "mambamil": MambaMIL,
     "abmil": ABMIL,
+    "dsmil": DSMIL,
     "meanmil": MeanMIL,
     "maxmil": MaxMIL,
 }
