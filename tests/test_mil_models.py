@@ -74,3 +74,17 @@ def test_registry_errors_and_parameter_counts():
     counts = {name: count_parameters(_build(name)) for name in MODELS}
     assert all(c > 0 for c in counts.values())
     assert counts["meanmil"] == counts["maxmil"] == IN_DIM * 32 + 32 + 32 * 3 + 3
+
+
+def test_nystrom_attention_is_exact_with_one_landmark_per_token():
+    # With as many landmarks as tokens the Nystrom factorisation reproduces softmax attention.
+    from mamba2d.mil.transmil import NystromAttention
+
+    torch.manual_seed(6)
+    attn = NystromAttention(16, heads=2, landmarks=8, pinv_iters=30).double().eval()
+    torch.nn.init.zeros_(attn.residual.weight)
+    x = torch.randn(1, 8, 16, dtype=torch.float64)
+    q, k, v = attn.qkv(x).reshape(1, 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    exact = ((q * 8**-0.5) @ k.transpose(-1, -2)).softmax(-1) @ v
+    exact = attn.out(exact.transpose(1, 2).reshape(1, 8, 16))
+    assert torch.allclose(attn(x), exact, atol=1e-8)

@@ -6,12 +6,14 @@ from torch import nn
 
 from mamba2d.mil.baselines import ABMIL, DSMIL, MambaMIL, MaxMIL, MeanMIL
 from mamba2d.mil.mamba2dmil import TwoDMambaMIL
+from mamba2d.mil.transmil import TransMIL
 
 MODELS: dict[str, type[nn.Module]] = {
     "2dmambamil": TwoDMambaMIL,
     "mambamil": MambaMIL,
     "abmil": ABMIL,
     "dsmil": DSMIL,
+    "transmil": TransMIL,
     "meanmil": MeanMIL,
     "maxmil": MaxMIL,
 }
