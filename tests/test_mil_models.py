@@ -42,7 +42,7 @@ def test_outputs(name, n, task):
         assert (out.survival[1:] <= out.survival[:-1]).all()
 
 
-@pytest.mark.parametrize("name", ["abmil", "dsmil", "meanmil", "maxmil", "2dmambamil"])
+@pytest.mark.parametrize("name", ["abmil", "clam_sb", "dsmil", "meanmil", "maxmil", "2dmambamil"])
 def test_order_invariant_models(name):
     feats, coords = _slide(17, seed=1)
     m = _build(name, seed=1)
@@ -88,3 +88,17 @@ def test_nystrom_attention_is_exact_with_one_landmark_per_token():
     exact = ((q * 8**-0.5) @ k.transpose(-1, -2)).softmax(-1) @ v
     exact = attn.out(exact.transpose(1, 2).reshape(1, 8, 16))
     assert torch.allclose(attn(x), exact, atol=1e-8)
+
+
+@pytest.mark.parametrize("subtyping", [False, True])
+def test_clam_instance_loss(subtyping):
+    feats, coords = _slide(17, seed=7)
+    torch.manual_seed(7)
+    m = build_model("clam_sb", IN_DIM, 3, d_model=32, k_sample=4, subtyping=subtyping)
+    out = m(feats, coords, PS, label=1)
+    assert out.aux_loss is not None and out.aux_loss.dim() == 0 and out.aux_loss > 0
+    out.aux_loss.backward()
+    assert m.instance_heads[1].weight.grad.abs().sum() > 0
+    other = m.instance_heads[0].weight.grad
+    assert (other is not None and other.abs().sum() > 0) == subtyping
+    assert m(feats, coords, PS).aux_loss is None  # no label, no instance loss

@@ -1,12 +1,12 @@
 """2DMambaMIL and the multiple-instance learning baselines it is compared with."""
 
-from mamba2d.mil.baselines import ABMIL, DSMIL, MambaMIL, MaxMIL, MeanMIL
+from mamba2d.mil.baselines import ABMIL, CLAMSB, DSMIL, MambaMIL, MaxMIL, MeanMIL
 from mamba2d.mil.common import MILOutput
 from mamba2d.mil.mamba2dmil import TwoDMambaMIL
 from mamba2d.mil.registry import MODELS, build_model, count_parameters
 from mamba2d.mil.transmil import TransMIL
 
 __all__ = [
-    "ABMIL", "DSMIL", "MODELS", "MILOutput", "MambaMIL", "MaxMIL", "MeanMIL", "TransMIL", "TwoDMambaMIL",
-    "build_model", "count_parameters",
+    "ABMIL", "CLAMSB", "DSMIL", "MODELS", "MILOutput", "MambaMIL", "MaxMIL", "MeanMIL", "TransMIL",
+    "TwoDMambaMIL", "build_model", "count_parameters",
 ]

@@ -156,3 +156,51 @@ class DSMIL(nn.Module):
         logits = 0.5 * (scores.max(dim=0).values + bag_logits)
         emb = bag.mean(dim=0)
         return heads_output(logits, self.task, weights.mean(dim=1), emb if return_embedding else None)
+
+
+class CLAMSB(nn.Module):
+    """CLAM, single attention branch (Lu et al., Nature Biomedical Engineering 2021).
+
+    Patches go through Linear(in_dim, d_model) + ReLU + Dropout, gated attention pooling and a
+    linear head. With the slide's class ``label`` (classification only), the model also returns
+    its instance-level clustering loss as ``aux_loss``: the ``k_sample`` most and least attended
+    patches are pseudo-labelled in-class and out-of-class for the true class's instance
+    classifier, and (``subtyping=True``) the most attended ones as out-of-class for every other
+    class. The paper weights it as 0.7 * task loss + 0.3 * aux_loss.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 512,
+                 dropout: float = 0.25, k_sample: int = 8, subtyping: bool = False) -> None:
+        super().__init__()
+        self.in_dim, self.task, self.k_sample, self.subtyping = in_dim, task, k_sample, subtyping
+        self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.ReLU(), nn.Dropout(dropout))
+        self.attention = GatedAttention(d_model, d_attn=d_model // 2, dropout=dropout)
+        self.head = nn.Linear(d_model, n_classes)
+        self.instance_heads = nn.ModuleList(nn.Linear(d_model, 2) for _ in range(n_classes))
+
+    def forward(self, features, coords=None, patch_size=None, return_embedding=False,
+                label: int | None = None) -> MILOutput:
+        check_bag(features, coords, self.in_dim)
+        h = self.embed(features)
+        weights = self.attention(h).softmax(dim=0)
+        emb = weights @ h
+        out = heads_output(self.head(emb), self.task, weights, emb if return_embedding else None)
+        if label is not None and self.task == "classification":
+            out.aux_loss = self._instance_loss(h, weights, int(label))
+        return out
+
+    def _instance_loss(self, h: torch.Tensor, weights: torch.Tensor, label: int) -> torch.Tensor:
+        k = min(self.k_sample, h.shape[0] // 2) or 1
+        order = weights.argsort(descending=True)
+        top, bottom = h[order[:k]], h[order[-k:]]
+        ce = nn.functional.cross_entropy
+        ones, zeros = h.new_ones(k, dtype=torch.long), h.new_zeros(k, dtype=torch.long)
+        true_head = self.instance_heads[label]
+        loss = ce(true_head(torch.cat([top, bottom])), torch.cat([ones, zeros]))
+        terms = 1
+        if self.subtyping:
+            for c, head in enumerate(self.instance_heads):
+                if c != label:
+                    loss = loss + ce(head(top), zeros)
+                    terms += 1
+        return loss / terms

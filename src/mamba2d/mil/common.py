@@ -16,6 +16,8 @@ class MILOutput:
     ``risk`` = -sum(survival) (higher means shorter survival).
     ``attention``: (N,) pooling weight of each input patch, in input order (pads excluded).
     ``embedding``: (d_model,) pooled slide embedding, when asked for.
+    ``aux_loss``: a model's own auxiliary loss (CLAM's instance clustering), when it has one and
+    was given the slide's label; training adds it to the task loss.
     """
 
     logits: torch.Tensor
@@ -25,6 +27,7 @@ class MILOutput:
     survival: torch.Tensor | None = None
     risk: torch.Tensor | None = None
     embedding: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def heads_output(logits: torch.Tensor, task: str, attention: torch.Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mamba2d.mil.baselines import ABMIL, DSMIL, MambaMIL, MaxMIL, MeanMIL
+from mamba2d.mil.baselines import ABMIL, CLAMSB, DSMIL, MambaMIL, MaxMIL, MeanMIL
 from mamba2d.mil.mamba2dmil import TwoDMambaMIL
 from mamba2d.mil.transmil import TransMIL
 
@@ -12,6 +12,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "2dmambamil": TwoDMambaMIL,
     "mambamil": MambaMIL,
     "abmil": ABMIL,
+    "clam_sb": CLAMSB,
     "dsmil": DSMIL,
     "transmil": TransMIL,
     "meanmil": MeanMIL,
