@@ -24,8 +24,8 @@ class _Embed(nn.Sequential):
         super().__init__(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
 
 
-class MeanMIL(nn.Module):
-    """Mean of the embedded patches, then a linear head. Attention is uniform."""
+class _PooledMIL(nn.Module):
+    """Embedding and linear head around a fixed pooling (mean or max) of the patches."""
 
     def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 128,
                  dropout: float = 0.25) -> None:
@@ -34,33 +34,32 @@ class MeanMIL(nn.Module):
         self.embed = _Embed(in_dim, d_model, dropout)
         self.head = nn.Linear(d_model, n_classes)
 
+    def pool(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, d) -> slide embedding (d,) and per-patch weights (N,)."""
+        raise NotImplementedError
+
     def forward(self, features, coords=None, patch_size=None, return_embedding=False) -> MILOutput:
         check_bag(features, coords, self.in_dim)
-        h = self.embed(features)
-        emb = h.mean(dim=0)
-        weights = torch.full((h.shape[0],), 1.0 / h.shape[0], device=h.device, dtype=h.dtype)
+        emb, weights = self.pool(self.embed(features))
         return heads_output(self.head(emb), self.task, weights, emb if return_embedding else None)
 
 
-class MaxMIL(nn.Module):
+class MeanMIL(_PooledMIL):
+    """Mean of the embedded patches, then a linear head. Attention is uniform."""
+
+    def pool(self, h):
+        return h.mean(dim=0), torch.full((h.shape[0],), 1.0 / h.shape[0], device=h.device, dtype=h.dtype)
+
+
+class MaxMIL(_PooledMIL):
     """Per-channel max over the embedded patches, then a linear head.
 
     Attention: each patch's share of the channels where it is the maximum.
     """
 
-    def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 128,
-                 dropout: float = 0.25) -> None:
-        super().__init__()
-        self.in_dim, self.task = in_dim, task
-        self.embed = _Embed(in_dim, d_model, dropout)
-        self.head = nn.Linear(d_model, n_classes)
-
-    def forward(self, features, coords=None, patch_size=None, return_embedding=False) -> MILOutput:
-        check_bag(features, coords, self.in_dim)
-        h = self.embed(features)
+    def pool(self, h):
         emb, arg = h.max(dim=0)
-        weights = torch.bincount(arg, minlength=h.shape[0]).to(h.dtype) / h.shape[1]
-        return heads_output(self.head(emb), self.task, weights, emb if return_embedding else None)
+        return emb, torch.bincount(arg, minlength=h.shape[0]).to(h.dtype) / h.shape[1]
 
 
 class GatedAttention(nn.Module):
