@@ -42,7 +42,7 @@ def test_outputs(name, n, task):
         assert (out.survival[1:] <= out.survival[:-1]).all()
 
 
-@pytest.mark.parametrize("name", ["abmil", "clam_sb", "dsmil", "meanmil", "maxmil", "2dmambamil"])
+@pytest.mark.parametrize("name", ["abmil", "clam_sb", "dsmil", "dtfd", "meanmil", "maxmil", "2dmambamil"])
 def test_order_invariant_models(name):
     feats, coords = _slide(17, seed=1)
     m = _build(name, seed=1)
@@ -102,3 +102,14 @@ def test_clam_instance_loss(subtyping):
     other = m.instance_heads[0].weight.grad
     assert (other is not None and other.abs().sum() > 0) == subtyping
     assert m(feats, coords, PS).aux_loss is None  # no label, no instance loss
+
+
+def test_dtfd_tier_one_loss_and_training_split():
+    feats, coords = _slide(17, seed=8)
+    torch.manual_seed(8)
+    m = build_model("dtfd", IN_DIM, 3, d_model=32, n_groups=4)
+    out = m(feats, coords, PS, label=2)  # training mode: random pseudo-bags
+    assert out.aux_loss is not None and out.aux_loss > 0
+    assert torch.allclose(out.attention.sum(), torch.tensor(1.0))
+    (out.aux_loss + out.logits.sum()).backward()
+    assert m.head1.weight.grad.abs().sum() > 0 and m.head2.weight.grad.abs().sum() > 0

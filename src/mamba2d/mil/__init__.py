@@ -2,11 +2,12 @@
 
 from mamba2d.mil.baselines import ABMIL, CLAMSB, DSMIL, MambaMIL, MaxMIL, MeanMIL
 from mamba2d.mil.common import MILOutput
+from mamba2d.mil.dtfd import DTFDMIL
 from mamba2d.mil.mamba2dmil import TwoDMambaMIL
 from mamba2d.mil.registry import MODELS, build_model, count_parameters
 from mamba2d.mil.transmil import TransMIL
 
 __all__ = [
-    "ABMIL", "CLAMSB", "DSMIL", "MODELS", "MILOutput", "MambaMIL", "MaxMIL", "MeanMIL", "TransMIL",
+    "ABMIL", "CLAMSB", "DSMIL", "DTFDMIL", "MODELS", "MILOutput", "MambaMIL", "MaxMIL", "MeanMIL", "TransMIL",
     "TwoDMambaMIL", "build_model", "count_parameters",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from mamba2d.mil.baselines import ABMIL, CLAMSB, DSMIL, MambaMIL, MaxMIL, MeanMIL
+from mamba2d.mil.dtfd import DTFDMIL
 from mamba2d.mil.mamba2dmil import TwoDMambaMIL
 from mamba2d.mil.transmil import TransMIL
 
@@ -14,6 +15,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "abmil": ABMIL,
     "clam_sb": CLAMSB,
     "dsmil": DSMIL,
+    "dtfd": DTFDMIL,
     "transmil": TransMIL,
     "meanmil": MeanMIL,
     "maxmil": MaxMIL,
