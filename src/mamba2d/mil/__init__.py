@@ -5,9 +5,10 @@ from mamba2d.mil.common import MILOutput
 from mamba2d.mil.dtfd import DTFDMIL
 from mamba2d.mil.mamba2dmil import TwoDMambaMIL
 from mamba2d.mil.registry import MODELS, build_model, count_parameters
+from mamba2d.mil.s4mil import S4MIL
 from mamba2d.mil.transmil import TransMIL
 
 __all__ = [
-    "ABMIL", "CLAMSB", "DSMIL", "DTFDMIL", "MODELS", "MILOutput", "MambaMIL", "MaxMIL", "MeanMIL", "TransMIL",
-    "TwoDMambaMIL", "build_model", "count_parameters",
+    "ABMIL", "CLAMSB", "DSMIL", "DTFDMIL", "MODELS", "MILOutput", "MambaMIL", "MaxMIL", "MeanMIL", "S4MIL",
+    "TransMIL", "TwoDMambaMIL", "build_model", "count_parameters",
 ]

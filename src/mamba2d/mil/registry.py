@@ -7,6 +7,7 @@ from torch import nn
 from mamba2d.mil.baselines import ABMIL, CLAMSB, DSMIL, MambaMIL, MaxMIL, MeanMIL
 from mamba2d.mil.dtfd import DTFDMIL
 from mamba2d.mil.mamba2dmil import TwoDMambaMIL
+from mamba2d.mil.s4mil import S4MIL
 from mamba2d.mil.transmil import TransMIL
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -16,6 +17,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "clam_sb": CLAMSB,
     "dsmil": DSMIL,
     "dtfd": DTFDMIL,
+    "s4mil": S4MIL,
     "transmil": TransMIL,
     "meanmil": MeanMIL,
     "maxmil": MaxMIL,
