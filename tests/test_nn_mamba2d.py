@@ -168,3 +168,10 @@ def test_triton_backend_inside_the_layer():
     mask = torch.ones(1, 3, 5, dtype=torch.bool, device=device)
     mask[0, 2, 3:] = False
     assert _rel(tri(x, mask), ref(x, mask)) < 5e-5  # both float32 inside the scan
+
+
+def test_block_norm_choice():
+    assert isinstance(Mamba2DBlock(16, d_state=4).norm, torch.nn.RMSNorm)
+    assert isinstance(Mamba2DBlock(16, d_state=4, norm="layer").norm, torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="norm"):
+        Mamba2DBlock(16, norm="batch")

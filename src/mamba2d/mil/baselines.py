@@ -95,18 +95,20 @@ class ABMIL(nn.Module):
 
 
 class MambaMIL(nn.Module):
-    """MambaMIL (Yang et al., MICCAI 2024): residual Mamba layers over the patch sequence in its
-    input order, then attention pooling. The 1D scan is the 2D operator on a 1 x N grid, so no
-    separate kernel exists. The sequence-reordering (SR) branch of the paper is not included yet.
+    """MambaMIL (Yang et al., MICCAI 2024): Linear(in_dim, 512) + GELU + Dropout, ``n_layers``
+    LayerNorm pre-norm residual Mamba layers (d_state 16, conv 4, expand 2) over the patch
+    sequence in its input order, LayerNorm, attention pooling Linear-Tanh-Linear, linear head.
+    The 1D scan is the 2D operator on a 1 x N grid, so no separate kernel exists. The paper's
+    sequence-reordering (SR) variant is not included yet: this is its plain-Mamba variant.
     """
 
-    def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 128,
+    def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 512,
                  n_layers: int = 2, d_state: int = 16, dropout: float = 0.25, backend: str = "auto") -> None:
         super().__init__()
         self.in_dim, self.task = in_dim, task
         self.embed = _Embed(in_dim, d_model, dropout)
         self.layers = nn.ModuleList(
-            Mamba2DBlock(d_model, d_state=d_state, dt_rank=math.ceil(d_model / 16), conv="1d",
+            Mamba2DBlock(d_model, norm="layer", d_state=d_state, dt_rank=math.ceil(d_model / 16), conv="1d",
                          backend=backend)
             for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)

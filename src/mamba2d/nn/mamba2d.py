@@ -143,14 +143,18 @@ class Mamba2D(nn.Module):
 
 
 class Mamba2DBlock(nn.Module):
-    """Pre-norm residual block: x + Mamba2D(RMSNorm(x)). Shapes as :class:`Mamba2D`.
+    """Pre-norm residual block: x + Mamba2D(norm(x)), with RMSNorm (``norm="rms"``, as 2DMamba)
+    or LayerNorm (``"layer"``, as MambaMIL). Shapes as :class:`Mamba2D`.
 
     Masked cells keep their input unchanged (the mixer's output there is 0).
     """
 
-    def __init__(self, d_model: int, eps: float = 1e-5, **mixer_kwargs) -> None:
+    def __init__(self, d_model: int, eps: float = 1e-5, norm: Literal["rms", "layer"] = "rms",
+                 **mixer_kwargs) -> None:
         super().__init__()
-        self.norm = nn.RMSNorm(d_model, eps=eps)
+        if norm not in ("rms", "layer"):
+            raise ValueError(f"norm must be 'rms' or 'layer', got {norm!r}")
+        self.norm = nn.RMSNorm(d_model, eps=eps) if norm == "rms" else nn.LayerNorm(d_model, eps=eps)
         self.mixer = Mamba2D(d_model, **mixer_kwargs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
