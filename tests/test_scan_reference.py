@@ -126,23 +126,19 @@ def test_transpose_is_scan_of_transposed_grid(flip_h, flip_v, groups):
     sc.check(got, grads_of(out, t, w), sc.BOUND_F64)
 
 
-@pytest.mark.parametrize("flip_v,transpose", list(itertools.product([False, True], repeat=2)))
-def test_flip_h_is_scan_of_mirrored_grid(flip_v, transpose):
-    t, w, H, W = _sym_case(310 + 2 * flip_v + transpose)
-    got = ref_run(t, True, H, W, w, flip_h=True, flip_v=flip_v, transpose=transpose)
-    tf = _map_spatial(t, lambda x: x.flip(-1), H, W)
-    out_f = sc.forward("reference", tf, True, H, W, (False, flip_v, transpose), None)
-    out = _flat(_grid(out_f, H, W).flip(-1))
-    sc.check(got, grads_of(out, t, w), sc.BOUND_F64)
-
-
-@pytest.mark.parametrize("flip_h,transpose", list(itertools.product([False, True], repeat=2)))
-def test_flip_v_is_scan_of_mirrored_grid(flip_h, transpose):
-    t, w, H, W = _sym_case(320 + 2 * flip_h + transpose)
-    got = ref_run(t, True, H, W, w, flip_h=flip_h, flip_v=True, transpose=transpose)
-    tf = _map_spatial(t, lambda x: x.flip(-2), H, W)
-    out_f = sc.forward("reference", tf, True, H, W, (flip_h, False, transpose), None)
-    out = _flat(_grid(out_f, H, W).flip(-2))
+@pytest.mark.parametrize("other_flip,transpose", list(itertools.product([False, True], repeat=2)))
+@pytest.mark.parametrize("axis", ["h", "v"])
+def test_flip_is_scan_of_mirrored_grid(axis, other_flip, transpose):
+    # flip_h mirrors the grid's columns (tensor dim -1), flip_v its rows (dim -2).
+    horizontal = axis == "h"
+    t, w, H, W = _sym_case((310 if horizontal else 320) + 2 * other_flip + transpose)
+    flips = (True, other_flip) if horizontal else (other_flip, True)
+    got = ref_run(t, True, H, W, w, flip_h=flips[0], flip_v=flips[1], transpose=transpose)
+    dim = -1 if horizontal else -2
+    tf = _map_spatial(t, lambda x: x.flip(dim), H, W)
+    unflipped = (False, other_flip) if horizontal else (other_flip, False)
+    out_f = sc.forward("reference", tf, True, H, W, (*unflipped, transpose), None)
+    out = _flat(_grid(out_f, H, W).flip(dim))
     sc.check(got, grads_of(out, t, w), sc.BOUND_F64)
 
 
