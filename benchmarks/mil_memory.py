@@ -1,8 +1,11 @@
-"""CPU time and peak memory of one 2DMambaMIL slide (d_model 128, 1 layer, d_state 16), by size.
+"""CPU time and peak memory of one slide through a MIL model (each model's defaults), by size.
 
-Each size runs in a fresh process, so the peak resident memory (ru_maxrss) is that size's own.
+Each (model, size, pass) runs in a fresh process, so the peak resident memory (ru_maxrss) is its
+own. Features are random (in_dim 1024) on a square grid about 70 % covered by tissue.
 
     python benchmarks/mil_memory.py --patches 1000,10000,100000 --out benchmarks/results/mil_memory_cpu.json
+    python benchmarks/mil_memory.py --models all --patches 1000,10000 \
+        --out benchmarks/results/mil_models_cpu.json
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import time
 from pathlib import Path
 
 
-def one(n_patches: int, backward: bool) -> dict:
+def one(name: str, n_patches: int, backward: bool) -> dict:
     import torch
 
-    from mamba2d.mil import TwoDMambaMIL
+    from mamba2d.mil import build_model
 
     torch.manual_seed(0)
     side = math.ceil(math.sqrt(n_patches / 0.7))  # about 70 % tissue on a square grid
@@ -31,7 +34,7 @@ def one(n_patches: int, backward: bool) -> dict:
     cells = torch.randperm(side * side, generator=g)[:n_patches]
     coords = torch.stack([cells % side, cells // side], dim=1).float() * 256
     feats = torch.randn(n_patches, 1024, generator=g)
-    model = TwoDMambaMIL(1024, 2, backend="torch")
+    model = build_model(name, 1024, 2, **({"backend": "torch"} if "mamba" in name else {}))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if backward:
@@ -42,6 +45,7 @@ def one(n_patches: int, backward: bool) -> dict:
     seconds = time.perf_counter() - t0
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return dict(
+        model=name,
         patches=n_patches,
         grid=f"{side}x{side}",
         backward=backward,
@@ -55,32 +59,38 @@ def one(n_patches: int, backward: bool) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patches", default="1000,10000")
+    ap.add_argument("--models", default="2dmambamil", help="comma-separated registry names, or 'all'")
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        n, bwd = a.one.split(":")
-        print(json.dumps(one(int(n), bwd == "1")))
+        name, n, bwd = a.one.split(":")
+        print(json.dumps(one(name, int(n), bwd == "1")))
         return 0
+    from mamba2d.mil import MODELS
+
+    names = sorted(MODELS) if a.models == "all" else a.models.split(",")
     rows = []
-    for n in [int(v) for v in a.patches.split(",")]:
-        for bwd in ("0", "1"):
-            res = subprocess.run(
-                [sys.executable, __file__, "--one", f"{n}:{bwd}"],
-                capture_output=True,
-                text=True,
-                env=os.environ,
-            )
-            if res.returncode != 0:
-                rows.append(dict(patches=n, backward=bwd == "1", error=res.stderr.strip()[-300:]))
-            else:
-                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+    for name in names:
+        for n in [int(v) for v in a.patches.split(",")]:
+            for bwd in ("0", "1"):
+                res = subprocess.run(
+                    [sys.executable, __file__, "--one", f"{name}:{n}:{bwd}"],
+                    capture_output=True,
+                    text=True,
+                    env=os.environ,
+                )
+                if res.returncode != 0:
+                    rows.append(dict(model=name, patches=n, backward=bwd == "1",
+                                     error=res.stderr.strip()[-300:]))
+                else:
+                    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), flush=True)
     if a.out:
         out = dict(
             device=f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
             date=_dt.date.today().isoformat(),
-            model="TwoDMambaMIL(in_dim=1024, d_model=128, 1 layer, d_state 16), torch backend",
+            models="each registry model's defaults, in_dim 1024, 2 classes; Mamba models on torch backend",
             rows=rows,
         )
         Path(a.out).write_text(json.dumps(out, indent=1))

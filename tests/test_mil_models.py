@@ -50,9 +50,11 @@ def test_order_invariant_models(name):
     assert torch.allclose(m(feats, coords, PS).logits, m(feats[perm], coords[perm], PS).logits, atol=1e-6)
 
 
-def test_mambamil_depends_on_patch_order():
+@pytest.mark.parametrize("variant", ["sr", "plain"])
+def test_mambamil_depends_on_patch_order(variant):
     feats, coords = _slide(17, seed=2)
-    m = _build("mambamil", seed=2)
+    torch.manual_seed(2)
+    m = build_model("mambamil", IN_DIM, 3, d_model=32, variant=variant, backend="torch").eval()
     perm = torch.randperm(17, generator=torch.Generator().manual_seed(4))
     diff = (m(feats, coords, PS).logits - m(feats[perm], coords[perm], PS).logits).abs().max()
     assert diff > 1e-4
@@ -66,6 +68,14 @@ def test_raster_ablation_differs_only_in_the_scan():
     raster.load_state_dict(two_d.state_dict())  # identical parameters
     diff = (two_d(feats, coords, PS).logits - raster(feats, coords, PS).logits).abs().max()
     assert diff > 1e-5
+
+
+def test_mambamil_sr_adds_one_ssm_branch_per_layer():
+    sr, plain = (build_model("mambamil", IN_DIM, 3, variant=v, backend="torch") for v in ("sr", "plain"))
+    branch = sum(p.numel() for p in sr.layers[0].mixer.reordered_core.parameters())
+    assert count_parameters(sr) == count_parameters(plain) + len(sr.layers) * branch
+    with pytest.raises(ValueError, match="variant"):
+        build_model("mambamil", IN_DIM, 3, variant="bi")
 
 
 def test_registry_errors_and_parameter_counts():

@@ -39,11 +39,11 @@ def test_shapes_and_dtype(conv, directions, hw):
 def test_initialisation_follows_mamba():
     m = Mamba2D(32, d_state=16, dt_min=1e-3, dt_max=1e-1)
     assert m.dt_rank == math.ceil(32 / 16)
-    A = -torch.exp(m.A_log.detach())
+    A = -torch.exp(m.core.A_log.detach())
     expected = -torch.arange(1, 17, dtype=torch.float32).repeat(m.d_inner, 1)
     assert torch.allclose(A, expected, rtol=1e-6, atol=0)  # exp(log(k)) rounds in float32
-    assert torch.equal(m.D.detach(), torch.ones(m.d_inner))
-    dt = F.softplus(m.dt_proj.bias.detach())
+    assert torch.equal(m.core.D.detach(), torch.ones(m.d_inner))
+    dt = F.softplus(m.core.dt_proj.bias.detach())
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 1e-1 * (1 + 1e-5)
 
 

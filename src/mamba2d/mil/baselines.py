@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mamba2d.mil.common import MILOutput, check_bag, heads_output
-from mamba2d.nn import Mamba2DBlock
+from mamba2d.nn import Mamba2DBlock, SRMambaBlock
 
 Task = Literal["classification", "survival"]
 
@@ -98,29 +98,40 @@ class MambaMIL(nn.Module):
     """MambaMIL (Yang et al., MICCAI 2024): Linear(in_dim, 512) + GELU + Dropout, ``n_layers``
     LayerNorm pre-norm residual Mamba layers (d_state 16, conv 4, expand 2) over the patch
     sequence in its input order, LayerNorm, attention pooling Linear-Tanh-Linear, linear head.
-    The 1D scan is the 2D operator on a 1 x N grid, so no separate kernel exists. The paper's
-    sequence-reordering (SR) variant is not included yet: this is its plain-Mamba variant.
+
+    ``variant="sr"`` (default, the paper's main model) uses sequence-reordering Mamba layers
+    (:class:`~mamba2d.nn.SRMamba`, stride ``rate`` = 10); ``"plain"`` uses one causal scan per
+    layer. Every scan is the 2D operator on a one-row grid, so no separate kernel exists.
     """
 
     def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 512,
-                 n_layers: int = 2, d_state: int = 16, dropout: float = 0.25, backend: str = "auto") -> None:
+                 n_layers: int = 2, d_state: int = 16, dropout: float = 0.25,
+                 variant: Literal["sr", "plain"] = "sr", rate: int = 10, backend: str = "auto") -> None:
         super().__init__()
-        self.in_dim, self.task = in_dim, task
+        if variant not in ("sr", "plain"):
+            raise ValueError(f"variant must be 'sr' or 'plain', got {variant!r}")
+        self.in_dim, self.task, self.variant = in_dim, task, variant
         self.embed = _Embed(in_dim, d_model, dropout)
-        self.layers = nn.ModuleList(
-            Mamba2DBlock(d_model, norm="layer", d_state=d_state, dt_rank=math.ceil(d_model / 16), conv="1d",
-                         backend=backend)
-            for _ in range(n_layers))
+        rank = math.ceil(d_model / 16)
+        if variant == "sr":
+            self.layers = nn.ModuleList(
+                SRMambaBlock(d_model, rate=rate, d_state=d_state, dt_rank=rank, backend=backend)
+                for _ in range(n_layers))
+        else:
+            self.layers = nn.ModuleList(
+                Mamba2DBlock(d_model, norm="layer", d_state=d_state, dt_rank=rank, conv="1d", backend=backend)
+                for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.attention = nn.Sequential(nn.Linear(d_model, 128), nn.Tanh(), nn.Linear(128, 1))
         self.head = nn.Linear(d_model, n_classes)
 
     def forward(self, features, coords=None, patch_size=None, return_embedding=False) -> MILOutput:
         check_bag(features, coords, self.in_dim)
-        h = self.embed(features)[None, None]  # (1, 1, N, d_model): a one-row grid
+        h = self.embed(features)[None]  # (1, N, d_model)
         for layer in self.layers:
-            h = layer(h)
-        h = self.norm(h[0, 0])
+            # Plain layers take a one-row grid (1, 1, N, d); SR layers take the sequence (1, N, d).
+            h = layer(h) if self.variant == "sr" else layer(h[:, None])[:, 0]
+        h = self.norm(h[0])
         weights = self.attention(h).squeeze(-1).softmax(dim=0)
         emb = weights @ h
         return heads_output(self.head(emb), self.task, weights, emb if return_embedding else None)
