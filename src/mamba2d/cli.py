@@ -6,6 +6,7 @@ import argparse
 import os
 import runpy
 import sys
+from pathlib import Path
 
 from mamba2d import __version__
 
@@ -15,15 +16,18 @@ TOLERANCE = 1e-4
 DESCRIPTION = """\
 2DMamba: 2D selective state-space scans for whole-slide images and vision.
 
-The core of this package is selective_scan_2d, 2DMamba's 2D selective scan as a
-differentiable PyTorch operator with Triton kernels for CUDA and a PyTorch
-fallback for every other device.
+Train and compare multiple-instance models (2DMambaMIL and its baselines) on
+patch-feature bags from CLAM or TRIDENT, for slide classification and survival.
 """
 
 EPILOG = """\
 examples:
-  mamba2d demo                 run the operator once and check it against the reference
-  mamba2d bench -- --help      show the benchmark script's options
+  mamba2d train --features feats/ --labels labels.csv --folds 5 --model 2dmambamil --out runs/2d
+  mamba2d train --resume --out runs/2d          continue a killed run where it stopped
+  mamba2d eval --run runs/2d --out runs/2d-eval
+  mamba2d compare runs/2d runs/abmil            mean ± std over folds and seeds
+  mamba2d demo                                  check the 2D scan against its reference
+  mamba2d bench -- --help                       the scan benchmark's options
 """
 
 
@@ -99,6 +103,159 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mamba2d.train.config import TrainConfig, parse_model_args, parse_seeds
+    from mamba2d.train.engine import run_training
+
+    if args.list_models:
+        from mamba2d.mil import MODELS
+
+        print("\n".join(sorted(MODELS)))
+        return 0
+    given = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
+    if args.seed is not None:
+        given["seeds"] = [args.seed]
+    if isinstance(given.get("classes"), str):
+        given["classes"] = [c.strip() for c in given["classes"].split(",") if c.strip()]
+    if isinstance(given.get("seeds"), str):
+        given["seeds"] = parse_seeds(given["seeds"])
+    if args.model_arg:
+        given["model_args"] = parse_model_args(args.model_arg)
+    if args.no_progress:
+        given["progress"] = False
+    out = Path(given["out"]) if "out" in given else None
+    if args.resume:
+        if out is None or not (out / "config.yaml").is_file():
+            raise ValueError(f"--resume needs --out RUN_DIR of an earlier run (no {out}/config.yaml)")
+        cfg = TrainConfig.load(out / "config.yaml")
+        for key in ("device", "progress", "stop_after_epochs"):  # may differ between calls
+            if key in given:
+                setattr(cfg, key, given[key])
+            elif key == "stop_after_epochs":
+                cfg.stop_after_epochs = None
+    else:
+        cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+        for key, value in given.items():
+            setattr(cfg, key, value)
+        cfg.check()
+        if (Path(cfg.out) / "config.yaml").is_file():
+            raise ValueError(f"{cfg.out} already holds a run; pass --resume to continue it, or choose "
+                             f"another --out")
+    result = run_training(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    if result.get("interrupted"):
+        print(f"stopped as asked (--stop-after-epochs); continue with: "
+              f"mamba2d train --resume --out {cfg.out}")
+        return 0
+    from mamba2d.train.evaluate import compare_runs, format_table
+
+    print(format_table(compare_runs([cfg.out])))
+    print(f"results in {cfg.out}/ (metrics.json, summary.csv, fold*_seed*/)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mamba2d.train.evaluate import compare_runs, evaluate_run, format_table
+
+    evaluate_run(args.run, args.out, features=args.features, labels=args.labels, device=args.device,
+                 patch_size=args.patch_size, skip_bad=args.skip_bad)
+    print(format_table(compare_runs([args.out])))
+    print(f"predictions and metrics in {args.out}/")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from mamba2d.train.evaluate import compare_runs, format_table
+
+    table = compare_runs(args.runs, part=args.part)
+    text = format_table(table)
+    print(text)
+    if args.out:
+        from mamba2d.train.checkpoint import write_text
+
+        out = Path(args.out)
+        write_text(out, table.to_csv(index=False) if out.suffix == ".csv" else text + "\n")
+    return 0
+
+
+_TRAIN_FIELDS: set[str] = set()
+_METAVARS = {"features": "DIR", "labels": "CSV", "splits": "CSV|DIR", "out": "RUN_DIR", "folds": "K",
+             "epochs": "N", "lr": "LR", "weight_decay": "WD", "accumulate": "N", "early_stopping": "EPOCHS",
+             "patch_size": "PIXELS", "n_bins": "N", "alpha_surv": "ALPHA", "val_fraction": "FRACTION",
+             "device": "DEVICE", "label_col": "COLUMN", "slide_col": "COLUMN", "case_col": "COLUMN",
+             "model": "NAME", "classes": "A,B"}
+
+
+def _add_train_parser(sub) -> None:
+    import dataclasses
+
+    from mamba2d.train.config import TrainConfig
+
+    train = sub.add_parser(
+        "train",
+        help="train a MIL model over folds and seeds; write metrics, predictions, plots, checkpoints",
+        description=(
+            "Train a MIL model on feature bags. Every fold and seed trains one model with AdamW\n"
+            "and a cosine learning rate (one slide per step), keeps the checkpoint with the best\n"
+            "validation AUC (classification) or C-index (survival), and evaluates it on the test\n"
+            "part. Options can also come from a YAML file (--config); flags override it. The\n"
+            "resolved config is saved in the run directory.\n\n"
+            "multi-GPU:  torchrun --nproc_per_node=K -m mamba2d train ..."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    groups = {
+        "inputs": ("features", "labels", "task", "patch_size", "label_col", "classes", "slide_col",
+                   "case_col", "cache", "skip_bad"),
+        "splits": ("splits", "folds", "val_fraction"),
+        "model": ("model",),
+        "optimisation": ("epochs", "lr", "weight_decay", "seeds", "accumulate", "balanced_sampling",
+                         "early_stopping", "n_bins", "alpha_surv"),
+        "hardware": ("device", "precision"),
+        "output": ("out",),
+    }
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig()
+    for title, names in groups.items():
+        group = train.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            _TRAIN_FIELDS.add(name)
+            flag = "--" + name.replace("_", "-")
+            meta = f.metadata
+            default = getattr(defaults, name)
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            kw: dict = {"default": None, "help": meta["help"] + (f" (default: {shown})" if default not in
+                                                                  (None, False, [], {}) else "")}
+            if f.type in ("bool",):
+                group.add_argument(flag, action="store_const", const=True, **kw)
+            elif name == "seeds":
+                group.add_argument(flag, metavar="0,1,2", **kw)
+            else:
+                typ = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+                choices = meta.get("choices")
+                if name == "model":
+                    from mamba2d.mil import MODELS
+
+                    choices = sorted(MODELS)
+                group.add_argument(flag, type=typ, choices=choices, metavar=_METAVARS.get(name), **kw)
+        if title == "optimisation":
+            group.add_argument("--seed", type=int, default=None, help="one seed (shorthand for --seeds S)")
+        if title == "model":
+            group.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                               help="model keyword argument, repeatable (e.g. --model-arg d_model=256)")
+            group.add_argument("--list-models", action="store_true", help="print the model names and exit")
+    _TRAIN_FIELDS.add("stop_after_epochs")
+    train.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
+    train.add_argument("--config", metavar="YAML", help="read options from a YAML file (flags override it)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # ArgumentDefaultsHelpFormatter would print "(default: None)" for every flag; the help strings
+    # carry the real defaults instead.
+    train.formatter_class = argparse.RawDescriptionHelpFormatter
+    train.set_defaults(func=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mamba2d",
@@ -131,6 +288,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     bench.set_defaults(func=_bench)
+
+    _add_train_parser(sub)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a trained run on its test parts or on a new cohort",
+        description=("Evaluate every model of a run (fold*_seed*/best.pt). Without --features/--labels, "
+                     "each model is scored on its own split's test part; with them, on every labelled slide "
+                     "of the new cohort (an external test set)."),
+    )
+    ev.add_argument("--run", required=True, help="run directory written by `mamba2d train`")
+    ev.add_argument("--out", required=True, help="folder for predictions, metrics and plots")
+    ev.add_argument("--features", help="features folder of a new cohort")
+    ev.add_argument("--labels", help="label CSV of a new cohort")
+    ev.add_argument("--patch-size", type=int, help="level-0 patch size, when the files lack it")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    ev.add_argument("--skip-bad", action="store_true", help="skip unreadable slides with a warning")
+    ev.set_defaults(func=_eval)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="one table of several runs: mean ± std over folds and seeds",
+        description="Print the headline metrics of runs (or eval outputs) side by side, mean ± std.",
+    )
+    cmp.add_argument("runs", nargs="+", help="run directories (or `mamba2d eval` outputs)")
+    cmp.add_argument("--part", default="test", choices=("test", "val"), help="which part to compare")
+    cmp.add_argument("--out", help="also write the table: .csv for CSV, anything else for Markdown")
+    cmp.set_defaults(func=_compare)
     return parser
 
 
@@ -140,7 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        # Bad input is reported as one line naming the file or field, not a traceback.
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"mamba2d {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

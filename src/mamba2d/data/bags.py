@@ -1,0 +1,518 @@
+"""Feature bags: one slide's patch features and level-0 patch coordinates, read from disk.
+
+Accepted layouts (see ``docs/data-formats.md``):
+
+* CLAM ``h5_files/<slide>.h5``: datasets ``features`` (N, D) (or (1, N, D)) and ``coords`` (N, 2);
+  ``coords`` carries ``patch_size``, ``patch_level`` and ``downsample`` (per level (dx, dy)).
+* TRIDENT ``features_<encoder>/<slide>.h5``: the same datasets; ``coords`` carries
+  ``patch_size_level0`` directly.
+* CLAM ``pt_files/<slide>.pt`` (an (N, D) tensor) with coordinates from a patches h5
+  (``patches/<slide>.h5``, dataset ``coords`` and the CLAM attributes).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mamba2d.data.grid import PatchGrid, patch_grid
+
+__all__ = [
+    "Bag", "BagError", "BagSetReport", "FeatureBagSet", "SLIDE_EXTENSIONS", "read_bag", "slide_stem",
+]
+
+#: Whole-slide image extensions stripped from slide names, so ``x.svs``, ``x`` and ``x.SVS`` agree.
+SLIDE_EXTENSIONS: tuple[str, ...] = (
+    ".ome.tiff", ".ome.tif",  # before .tif/.tiff, so the whole double suffix goes
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vsi", ".czi", ".bif", ".dcm",
+)
+
+_H5_SUFFIXES = (".h5", ".hdf5")
+_PT_SUFFIXES = (".pt", ".pth")
+
+
+class BagError(ValueError):
+    """A feature bag (or its coordinates file) is missing, unreadable or inconsistent."""
+
+
+def slide_stem(name: str | Path) -> str:
+    """The slide's id as used everywhere in mamba2d: its file name without a slide extension.
+
+    Only the known slide extensions in :data:`SLIDE_EXTENSIONS` are stripped (case-insensitively):
+    TCGA ids hold dots (``TCGA-3C-AALI-01Z-00-DX1.F6E9A5DF-...``) that are part of the id.
+    A leading directory is dropped, so a column of slide paths also works.
+    """
+    text = str(name).strip()
+    # Split on both separators: label CSVs written on Windows hold backslash paths.
+    text = text.replace("\\", "/").rsplit("/", 1)[-1]
+    lower = text.lower()
+    for ext in SLIDE_EXTENSIONS:
+        if lower.endswith(ext) and len(text) > len(ext):
+            return text[: -len(ext)]
+    return text
+
+
+@dataclass(frozen=True, eq=False)
+class Bag:
+    """One slide's bag of patch features.
+
+    ``features``: (N, D) float32. ``coords``: (N, 2) int64 level-0 pixel (x, y) of each patch's
+    top-left corner, x (column direction) first. ``patch_size_level0``: the patch side in level-0
+    pixels, or None when neither the file nor the caller gave it (2DMambaMIL needs it; the other
+    models do not). ``path``: the features file.
+    """
+
+    slide_id: str
+    features: torch.Tensor
+    coords: torch.Tensor
+    patch_size_level0: int | None
+    path: Path
+
+    @property
+    def n_patches(self) -> int:
+        """N, the number of patches."""
+        return int(self.features.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        """D, the feature width."""
+        return int(self.features.shape[1])
+
+    def grid(self, snap: Literal["error", "round"] = "error") -> PatchGrid:
+        """The patches' tight grid (see :func:`mamba2d.data.grid.patch_grid`); errors name the file."""
+        if self.patch_size_level0 is None:
+            raise BagError(f"{self.path}: no level-0 patch size in the file; pass patch_size= to read it")
+        try:
+            return patch_grid(self.coords, self.patch_size_level0, snap=snap, name=str(self.path))
+        except ValueError as exc:
+            raise BagError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading one file
+
+
+def _attr_float(attrs: Any, key: str, where: Path) -> float | None:
+    """An h5 attribute as one float (the first element of an array), or None when absent."""
+    if key not in attrs:
+        return None
+    raw = np.asarray(attrs[key]).reshape(-1)
+    try:
+        value = float(raw[0])
+    except (IndexError, TypeError, ValueError) as exc:
+        raise BagError(f"{where}: coords attribute {key!r} is not a number: {attrs[key]!r}") from exc
+    if not np.isfinite(value) or value <= 0:
+        # patch_level 0 is legitimate; every other attribute used here must be positive.
+        if not (key == "patch_level" and value == 0):
+            raise BagError(f"{where}: coords attribute {key!r} must be a positive number, got {value}")
+    return value
+
+
+def _patch_size_from_attrs(attrs: Any, where: Path) -> int | None:
+    """Level-0 patch side in pixels from the ``coords`` attributes, or None when they can't tell.
+
+    TRIDENT writes ``patch_size_level0``. CLAM writes ``patch_size`` at ``patch_level`` and the
+    per-level ``downsample`` (dx, dy), so level 0 spans patch_size * dx pixels. Without a
+    downsample, ``patch_level`` 0 means the patch size is already level 0; TRIDENT files without
+    ``patch_size_level0`` can still scale by ``level0_magnification / target_magnification``.
+    """
+    direct = _attr_float(attrs, "patch_size_level0", where)
+    if direct is not None:
+        return int(round(direct))
+    size = _attr_float(attrs, "patch_size", where)
+    if size is None:
+        return None
+    downsample = _attr_float(attrs, "downsample", where)
+    if downsample is not None:
+        return int(round(size * downsample))
+    level = _attr_float(attrs, "patch_level", where)
+    if level == 0:
+        return int(round(size))
+    mag0 = _attr_float(attrs, "level0_magnification", where)
+    target = _attr_float(attrs, "target_magnification", where)
+    if mag0 is not None and target is not None:
+        return int(round(size * mag0 / target))
+    return None
+
+
+def _open_h5(path: Path) -> h5py.File:
+    if not path.is_file():
+        raise BagError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise BagError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from exc
+
+
+def _dataset(f: h5py.File, key: str, path: Path) -> h5py.Dataset:
+    obj = f.get(key)
+    if not isinstance(obj, h5py.Dataset):
+        found = ", ".join(sorted(f.keys())) or "nothing"
+        raise BagError(f"{path}: no {key!r} dataset; the file holds: {found}")
+    return obj
+
+
+def _squeeze_lead(arr: np.ndarray, width: int | None, what: str, path: Path) -> np.ndarray:
+    """(1, N, W) -> (N, W) (some extractors keep a batch axis); anything but 2D is an error."""
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2 or (width is not None and arr.shape[1] != width):
+        want = f"(N, {width})" if width is not None else "(N, D)"
+        raise BagError(f"{path}: {what} must be {want}, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def _coords_array(raw: np.ndarray, path: Path) -> np.ndarray:
+    """Validate the (N, 2) coordinates and return them as int64 pixels."""
+    coords = _squeeze_lead(raw, 2, "'coords'", path)
+    if np.issubdtype(coords.dtype, np.integer):
+        return coords.astype(np.int64, copy=False)
+    if not np.issubdtype(coords.dtype, np.floating):
+        raise BagError(f"{path}: 'coords' must be numeric, got dtype {coords.dtype}")
+    # Float coordinates are accepted only when they are whole pixels: rounding anything else
+    # would silently move patches.
+    if not np.isfinite(coords).all() or (np.abs(coords - np.round(coords)) > 1e-6).any():
+        raise BagError(f"{path}: 'coords' must be whole, finite pixel positions")
+    return np.round(coords).astype(np.int64)
+
+
+def _read_coords_h5(path: Path) -> tuple[np.ndarray, int | None]:
+    """(N, 2) int64 coords and the level-0 patch size from a patches (or features) h5."""
+    f = _open_h5(path)
+    try:
+        with f:
+            ds = _dataset(f, "coords", path)
+            return _coords_array(ds[()], path), _patch_size_from_attrs(ds.attrs, path)
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise BagError(f"{path}: could not read 'coords': {exc}") from exc
+
+
+def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+    f = _open_h5(path)
+    try:
+        with f:
+            feats_ds = _dataset(f, "features", path)
+            coords_ds = _dataset(f, "coords", path)
+            feats = feats_ds[()]
+            coords = _coords_array(coords_ds[()], path)
+            size = _patch_size_from_attrs(coords_ds.attrs, path)
+    except (OSError, KeyError, RuntimeError) as exc:
+        # h5py raises these for files whose header opens but whose data is truncated.
+        raise BagError(f"{path}: could not read the bag: {exc}") from exc
+    return feats, coords, size
+
+
+def _read_pt(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise BagError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for corrupt files alike
+        raise BagError(f"{path}: not a readable torch file: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, torch.Tensor):
+        raise BagError(f"{path}: expected a (N, D) feature tensor, got {type(obj).__name__}")
+    if obj.is_complex() or obj.dtype == torch.bool:
+        raise BagError(f"{path}: features must be real numbers, got dtype {obj.dtype}")
+    return obj.detach().to(torch.float32).numpy()
+
+
+def _coords_candidates(features_dir: Path, stem: str, coords_dir: Path | None) -> list[Path]:
+    """Where a .pt bag's coordinates may be, most specific first.
+
+    An explicit ``coords_dir`` is the only candidate: falling back elsewhere could pair the
+    features with another extraction's coordinates. Otherwise the CLAM layouts: a ``patches/``
+    folder beside the features folder, or an ``h5_files/`` folder in or beside it.
+    """
+    if coords_dir is not None:
+        return [Path(coords_dir) / f"{stem}.h5"]
+    base = Path(features_dir)
+    out: list[Path] = []
+    for cand in (base.parent / "patches", base / "h5_files", base.parent / "h5_files", base / "patches",
+                 base.parent.parent / "patches"):
+        path = cand / f"{stem}.h5"
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def read_bag(path: str | Path, *, patch_size: int | None = None, coords_path: str | Path | None = None,
+             check_finite: bool = True, slide_id: str | None = None) -> Bag:
+    """Read one slide's bag from a CLAM/TRIDENT ``.h5``, or a CLAM ``.pt`` plus a patches h5.
+
+    ``patch_size``: the level-0 patch side in pixels, for files without it in their attributes;
+    when the file has one too and they differ, the argument wins and a warning names the file.
+    ``coords_path``: the patches h5 of a ``.pt`` bag; found by the CLAM layout when omitted.
+    ``check_finite``: NaN or Inf features are an error (the default) instead of passing through.
+    ``slide_id``: the id recorded in the bag; defaults to :func:`slide_stem` of the file name.
+
+    Returns a :class:`Bag` with features (N, D) float32 and coords (N, 2) int64.
+    Raises :class:`BagError`, naming the file, for every problem with the input.
+    """
+    path = Path(path)
+    if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int)
+                                   or patch_size <= 0):
+        raise BagError(f"{path}: patch_size must be a positive int of level-0 pixels, got {patch_size!r}")
+    suffix = path.suffix.lower()
+    if suffix in _H5_SUFFIXES:
+        feats, coords, file_size = _read_h5(path)
+        coords_src = path
+    elif suffix in _PT_SUFFIXES:
+        feats = _read_pt(path)
+        if coords_path is None:
+            tried = _coords_candidates(path.parent, path.stem, None)
+            found = next((p for p in tried if p.is_file()), None)
+            if found is None:
+                raise BagError(f"{path}: no coordinates for this .pt bag; looked for "
+                               f"{', '.join(str(p) for p in tried)}; pass coords_path=")
+            coords_path = found
+        coords_src = Path(coords_path)
+        coords, file_size = _read_coords_h5(coords_src)
+    else:
+        raise BagError(f"{path}: unknown bag format {path.suffix!r}; expected .h5 or .pt")
+
+    if not np.issubdtype(feats.dtype, np.number) or np.issubdtype(feats.dtype, np.complexfloating):
+        raise BagError(f"{path}: 'features' must be real numbers, got dtype {feats.dtype}")
+    feats = _squeeze_lead(feats, None, "'features'", path)
+    n = feats.shape[0]
+    if coords.shape[0] != n:
+        src = "" if coords_src == path else f" (coords from {coords_src})"
+        raise BagError(f"{path}: {n} feature rows but {coords.shape[0]} coordinates{src}")
+    if n == 0:
+        raise BagError(f"{path}: empty bag (0 patches)")
+    if feats.shape[1] == 0:
+        raise BagError(f"{path}: features have width 0")
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    if check_finite:
+        bad = ~np.isfinite(feats).all(axis=1)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise BagError(f"{path}: {int(bad.sum())} of {n} feature rows hold NaN or Inf "
+                           f"(first: row {first}); skip such slides with --skip-bad (skip_bad=True)")
+    _check_unique_coords(coords, path)
+
+    size = file_size
+    if patch_size is not None:
+        if file_size is not None and file_size != patch_size:
+            warnings.warn(f"{path}: patch_size={patch_size} overrides the file's level-0 patch size "
+                          f"{file_size}", stacklevel=2)
+        size = patch_size
+    return Bag(
+        slide_id=slide_id if slide_id is not None else slide_stem(path.stem),
+        features=torch.from_numpy(feats),
+        coords=torch.from_numpy(np.ascontiguousarray(coords)),
+        patch_size_level0=size,
+        path=path,
+    )
+
+
+def _check_unique_coords(coords: np.ndarray, path: Path) -> None:
+    """Two patches at one (x, y) mean a broken extraction; the grid could not hold both."""
+    _, first, inverse = np.unique(coords, axis=0, return_index=True, return_inverse=True)
+    repeats = np.flatnonzero(first[inverse.reshape(-1)] != np.arange(coords.shape[0]))
+    if repeats.size:
+        x, y = (int(v) for v in coords[repeats[0]])
+        raise BagError(f"{path}: {repeats.size} patch(es) repeat a coordinate already in the bag; "
+                       f"first duplicate (x={x}, y={y}) at row {int(repeats[0])}")
+
+
+def _peek_dim(path: Path) -> int:
+    """The feature width D without reading the features (h5), or by loading them (.pt)."""
+    if path.suffix.lower() in _H5_SUFFIXES:
+        f = _open_h5(path)
+        try:
+            with f:
+                shape = _dataset(f, "features", path).shape
+        except (OSError, KeyError, RuntimeError) as exc:
+            raise BagError(f"{path}: could not read 'features': {exc}") from exc
+        if len(shape) not in (2, 3):
+            raise BagError(f"{path}: 'features' must be (N, D), got shape {shape}")
+        return int(shape[-1])
+    return int(_squeeze_lead(_read_pt(path), None, "'features'", path).shape[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# A folder of bags
+
+
+@dataclass(frozen=True)
+class BagSetReport:
+    """What :meth:`FeatureBagSet.validate` found. Patch counts are per slide; sizes in level-0 pixels."""
+
+    n_slides: int
+    feature_dim: int | None
+    n_patches_min: int
+    n_patches_max: int
+    n_patches_total: int
+    patch_sizes_level0: tuple[int | None, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+class FeatureBagSet(Dataset):
+    """The bags of a list of slides in one features folder, read lazily; ``dataset[i]`` is a :class:`Bag`.
+
+    ``features_dir`` holds ``<stem>.h5`` (TRIDENT, or CLAM features) or ``<stem>.pt`` files, directly
+    or in CLAM's ``h5_files/`` and ``pt_files/`` subfolders; ``.h5`` wins when both exist.
+    ``slide_ids`` may carry slide extensions (``x.svs``); they are normalised by :func:`slide_stem`.
+    ``coords_dir``: where ``.pt`` bags' patches h5 files are; by default the CLAM layout
+    (``features_dir/../patches`` or ``features_dir/h5_files``).
+    ``cache``: keep each bag in memory after its first read.
+    ``skip_bad``: drop missing or bad slides with a warning each (recorded in ``self.skipped``)
+    instead of raising. Missing files are found at construction; bad contents by :meth:`validate`.
+    """
+
+    def __init__(self, features_dir: str | Path, slide_ids: Iterable[str], *, patch_size: int | None = None,
+                 coords_dir: str | Path | None = None, cache: bool = False, skip_bad: bool = False) -> None:
+        self.features_dir = Path(features_dir)
+        self.coords_dir = Path(coords_dir) if coords_dir is not None else None
+        self.patch_size = patch_size
+        self.cache = cache
+        self.skip_bad = skip_bad
+        self.skipped: dict[str, str] = {}
+        self._cache: dict[str, Bag] = {}
+        self._dim: int | None = None
+        if not self.features_dir.is_dir():
+            raise BagError(f"{self.features_dir}: features folder does not exist")
+        if self.coords_dir is not None and not self.coords_dir.is_dir():
+            raise BagError(f"{self.coords_dir}: coords folder does not exist")
+
+        stems = [slide_stem(s) for s in slide_ids]
+        dup = [s for s, c in Counter(stems).items() if c > 1]
+        if dup:
+            raise BagError(f"{self.features_dir}: slide id(s) listed more than once: {dup[:5]}")
+        self.paths: dict[str, Path] = {}
+        self.coords_paths: dict[str, Path | None] = {}
+        missing: dict[str, str] = {}
+        for stem in stems:
+            found = self._locate(stem)
+            if isinstance(found, str):
+                missing[stem] = found
+                self._skip(stem, found)
+            else:
+                self.paths[stem], self.coords_paths[stem] = found
+        if missing and not skip_bad:
+            ids = list(missing)
+            more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+            # The first slide's reason names the folders searched (or the coordinates file lacking).
+            raise BagError(f"{len(ids)} slide(s) have no features: {ids[:5]}{more}; "
+                           f"{ids[0]}: {missing[ids[0]]}")
+        self.slide_ids: list[str] = [s for s in stems if s in self.paths]
+
+    def _feature_dirs(self) -> list[Path]:
+        d = self.features_dir
+        return [d, d / "h5_files", d / "pt_files"]
+
+    def _locate(self, stem: str) -> tuple[Path, Path | None] | str:
+        """(features file, coords file or None) for a slide, or why none was found."""
+        d = self.features_dir
+        for cand in (d / f"{stem}.h5", d / "h5_files" / f"{stem}.h5"):
+            if cand.is_file():
+                return cand, None
+        for cand in (d / f"{stem}.pt", d / "pt_files" / f"{stem}.pt"):
+            if cand.is_file():
+                tried = _coords_candidates(d, stem, self.coords_dir)
+                if cand.parent != d:  # a pt_files/ subfolder: its CLAM siblings are candidates too
+                    tried += [p for p in _coords_candidates(cand.parent, stem, self.coords_dir)
+                              if p not in tried]
+                coords = next((p for p in tried if p.is_file()), None)
+                if coords is None:
+                    return (f"{cand} has no coordinates file; looked for "
+                            + ", ".join(str(p) for p in tried))
+                return cand, coords
+        return f"no {stem}.h5 or {stem}.pt in " + ", ".join(str(p) for p in self._feature_dirs())
+
+    def _skip(self, stem: str, reason: str) -> None:
+        if self.skip_bad:
+            warnings.warn(f"skipping slide {stem}: {reason}", stacklevel=3)
+            self.skipped[stem] = reason
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def __getitem__(self, index: int) -> Bag:
+        stem = self.slide_ids[index]
+        return self._load(stem)
+
+    def _load(self, stem: str) -> Bag:
+        bag = self._cache.get(stem)
+        if bag is None:
+            bag = read_bag(self.paths[stem], patch_size=self.patch_size, coords_path=self.coords_paths[stem],
+                           slide_id=stem)
+            if self.cache:
+                self._cache[stem] = bag
+        return bag
+
+    def index_of(self, slide_id: str) -> int:
+        """Position of a slide (any spelling :func:`slide_stem` accepts) in this set."""
+        stem = slide_stem(slide_id)
+        try:
+            return self.slide_ids.index(stem)
+        except ValueError:
+            raise KeyError(f"slide {stem} is not in this bag set ({self.features_dir})") from None
+
+    @property
+    def feature_dim(self) -> int:
+        """D, the feature width: from :meth:`validate`, else peeked from the first slide's file."""
+        if self._dim is None:
+            if not self.slide_ids:
+                raise BagError(f"{self.features_dir}: no slides, so no feature dim")
+            self._dim = _peek_dim(self.paths[self.slide_ids[0]])
+        return self._dim
+
+    def validate(self) -> BagSetReport:
+        """Read every bag once and check it (see :func:`read_bag`) and that D agrees across slides.
+
+        With ``skip_bad`` a bad slide, or one whose D differs from the most common D, is dropped
+        with a warning; otherwise the first problem raises :class:`BagError`.
+        """
+        sizes: dict[str, tuple[int, int, int | None]] = {}  # stem -> (N, D, patch size)
+        ref: tuple[str, int] | None = None
+        for stem in list(self.slide_ids):
+            try:
+                bag = read_bag(self.paths[stem], patch_size=self.patch_size,
+                               coords_path=self.coords_paths[stem], slide_id=stem)
+            except BagError as exc:
+                if not self.skip_bad:
+                    raise
+                self._skip(stem, str(exc))
+                continue
+            if ref is None:
+                ref = (stem, bag.feature_dim)
+            elif bag.feature_dim != ref[1] and not self.skip_bad:
+                raise BagError(f"feature dims differ: {self.paths[stem]} has D={bag.feature_dim} but "
+                               f"{self.paths[ref[0]]} has D={ref[1]}")
+            sizes[stem] = (bag.n_patches, bag.feature_dim, bag.patch_size_level0)
+            if self.cache:
+                self._cache[stem] = bag
+        if sizes:
+            # With skip_bad the majority decides, so one odd first file cannot evict every other slide.
+            dims = Counter(d for _, d, _ in sizes.values())
+            dim = max(dims, key=lambda d: (dims[d], -list(dims).index(d)))
+            for stem, (_, d, _) in list(sizes.items()):
+                if d != dim:
+                    owner = next(s for s, v in sizes.items() if v[1] == dim)
+                    self._skip(stem, f"{self.paths[stem]} has D={d} but {self.paths[owner]} and "
+                                             f"{dims[dim] - 1} other slide(s) have D={dim}")
+                    del sizes[stem]
+                    self._cache.pop(stem, None)
+            self._dim = dim
+        self.slide_ids = [s for s in self.slide_ids if s in sizes]
+        counts = [n for n, _, _ in sizes.values()]
+        patch_sizes = {p for _, _, p in sizes.values()}
+        return BagSetReport(
+            n_slides=len(sizes),
+            feature_dim=self._dim,
+            n_patches_min=min(counts, default=0),
+            n_patches_max=max(counts, default=0),
+            n_patches_total=sum(counts),
+            patch_sizes_level0=tuple(sorted(patch_sizes, key=lambda p: (p is None, p or 0))),
+            skipped=dict(self.skipped),
+        )
