@@ -1,5 +1,10 @@
 """2DMamba: 2D selective state-space scans for whole-slide images and vision."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from mamba2d.data import PatchGrid, patch_grid
 from mamba2d.mil import MILOutput, TwoDMambaMIL, build_model
 from mamba2d.nn import Mamba2D, Mamba2DBlock, SRMamba
@@ -9,8 +14,33 @@ from mamba2d.wsi.encoders import EfficientNetLite0Encoder
 
 __version__ = "0.1.0"
 
+# The pipeline's names pull in pandas, h5py, scikit-learn and matplotlib; they load on first use so
+# that `import mamba2d` stays as light as the operator and the layers.
+_LAZY = {
+    "FeatureBagSet": "mamba2d.data.bags",
+    "read_bag": "mamba2d.data.bags",
+    "read_labels": "mamba2d.data.labels",
+    "read_split_csv": "mamba2d.data.splits",
+    "kfold_splits": "mamba2d.data.splits",
+    "TrainConfig": "mamba2d.train.config",
+    "run_training": "mamba2d.train.engine",
+    "evaluate_run": "mamba2d.train.evaluate",
+    "compare_runs": "mamba2d.train.evaluate",
+    "classification_metrics": "mamba2d.train.metrics",
+    "concordance_index": "mamba2d.train.metrics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mamba2d' has no attribute {name!r}")
+
+
 __all__ = [
-    "EfficientNetLite0Encoder", "MILOutput", "Mamba2D", "Mamba2DBlock", "PatchGrid", "SRMamba", "ScanLayout",
-    "TwoDMambaMIL", "__version__",
-    "build_model", "nll_survival_loss", "patch_grid", "selective_scan_2d",
+    "EfficientNetLite0Encoder", "FeatureBagSet", "MILOutput", "Mamba2D", "Mamba2DBlock", "PatchGrid",
+    "SRMamba", "ScanLayout", "TrainConfig", "TwoDMambaMIL", "__version__", "build_model",
+    "classification_metrics", "compare_runs", "concordance_index", "evaluate_run", "kfold_splits",
+    "nll_survival_loss", "patch_grid", "read_bag", "read_labels", "read_split_csv", "run_training",
+    "selective_scan_2d",
 ]
