@@ -284,7 +284,8 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
         net.train()
         running, step = 0.0, 0
         optimizer.zero_grad(set_to_none=True)
-        for i, row in enumerate(order):
+        slides = _progress(order, show, f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="slide")
+        for i, row in enumerate(slides):
             wants_label = cfg.model in AUX_WEIGHTS and cfg.task == "classification"
             label = int(frame["label"].iat[row]) if wants_label else None
             with _autocast(cfg, info.device):
