@@ -85,11 +85,16 @@ def test_classification_run_directory(cohort, capsys):
     # The generated splits are saved, and partition the cases: every slide is tested exactly once.
     tested = pd.concat(pd.read_csv(out / f"fold{k}_seed0" / "predictions_test.csv") for k in (0, 1))
     assert sorted(tested["slide_id"]) == [f"slide{i:02d}" for i in range(16)]
-    assert (out / "splits" / "split_0.csv").is_file()
+    assert (out / "splits" / "splits_0.csv").is_file()
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"] == "abmil" and saved["folds"] == 2 and saved["lr"] == 1e-3
     assert json.loads((out / "labels.json").read_text())["class_names"] == ["class0", "class1"]
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporary files
+    # The saved splits are reusable as they are: the same folds train again from the folder.
+    assert _train(cohort, cohort / "again", "--splits", str(out / "splits"), "--epochs", "1",
+                  "--model", "meanmil") == 0
+    again = json.loads((cohort / "again" / "metrics.json").read_text())["runs"]
+    assert [r["n_test"] for r in again] == [r["n_test"] for r in metrics["runs"]]
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(cohort):

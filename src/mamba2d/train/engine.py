@@ -8,7 +8,7 @@ Run directory::
 
     RUN/config.yaml              the resolved configuration
     RUN/labels.json              class names (or survival bin edges per fold)
-    RUN/splits/split_K.csv       the splits used (generated ones are saved for reuse)
+    RUN/splits/splits_K.csv       the splits used (generated ones are saved for reuse)
     RUN/fold{K}_seed{S}/         one trained model: last.pt (resume), best.pt, history.csv,
                                  predictions_{val,test}.csv, metrics.json, *.png plots
     RUN/metrics.json             every fold and seed, plus mean ± std
@@ -413,7 +413,7 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         write_json(out / "labels.json", data.table.to_json_dict())
         (out / "splits").mkdir(exist_ok=True)
         for k, split in enumerate(splits):
-            write_split_csv(split, out / "splits" / f"split_{k}.csv")
+            write_split_csv(split, out / "splits" / f"splits_{k}.csv")
         if data.bags.skipped:
             write_json(out / "skipped_slides.json", data.bags.skipped)
     barrier(info)

@@ -62,7 +62,7 @@ def evaluate_run(run: str | Path, out: str | Path, features: str | None = None, 
             part, rows = "external", list(range(len(table)))
         else:
             k = int(model_dir.name.split("_")[0].removeprefix("fold"))
-            split = read_split_csv(run / "splits" / f"split_{k}.csv")
+            split = read_split_csv(run / "splits" / f"splits_{k}.csv")
             parts = resolve_split(split, table, unknown="drop" if cfg.skip_bad else "error", leakage="warn")
             part = "test" if parts["test"] else "val"
             rows = parts[part]
