@@ -1,21 +1,38 @@
+# Set-up and the main jobs. Everything runs in a virtual environment (.venv) that can see the
+# system's packages, so a torch that is already installed (CPU or CUDA) is reused as it is.
 PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch to install when none is present. On a machine without a GPU, a CPU-only wheel is much
+# smaller: make demo PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
 
-.PHONY: install test demo bench
+.PHONY: install install-test test demo bench clean-venv
 
-install:
-	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e '.[test]'
-	@# Real images for the benchmark and tests (Debian's package); scikit-learn's digits stand in without it.
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+install: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(PIP_TORCH_ARGS) $(TORCH)
+	$(PY) -m pip install -q -e .
+	@# Real images for the benchmark (Debian's package); scikit-learn's digits stand in without it.
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-		echo "note: could not install dataset-fashion-mnist; tests fall back to scikit-learn digits"; fi
+		echo "note: could not install dataset-fashion-mnist; the benchmark falls back to scikit-learn digits"; fi
 
-test: install
-	$(PYTHON) -m ruff check src tests benchmarks
-	$(PYTHON) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+install-test: install
+	$(PY) -m pip install -q -e '.[test]'
+
+test: install-test
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 demo: install
-	mamba2d demo
+	$(VENV)/bin/mamba2d demo
 
-bench:
-	$(PYTHON) benchmarks/scan.py
+bench: install
+	$(PY) benchmarks/scan.py
+
+clean-venv:
+	rm -rf $(VENV)

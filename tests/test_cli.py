@@ -22,7 +22,7 @@ def test_version(capsys):
     assert mamba2d.__version__ in capsys.readouterr().out
 
 
-def test_demo_succeeds(capsys):
-    assert main(["demo"]) == 0
+def test_selfcheck_succeeds(capsys):
+    assert main(["selfcheck"]) == 0
     out = capsys.readouterr().out
     assert "relative error" in out

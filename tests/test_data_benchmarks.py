@@ -154,6 +154,25 @@ def test_survival_depends_on_the_configuration_not_the_count():
     assert abs(spearmanr(r, k).statistic) < 0.15
 
 
+@pytest.mark.parametrize("levels", [3, 0])
+def test_survival_levels_set_the_clustered_fraction(levels):
+    cfg = BenchmarkConfig(task="survival", grid_min=16, grid_max=24, survival_levels=levels)
+    placed = []
+    for i in range(120):
+        lay = sample_layout(cfg, (0, 1, 0, i))
+        placed.append((lay.largest_cluster - 1) / (lay.n_lesion - 1))
+    fracs = np.asarray(placed)
+    if levels == 3:
+        # s = 1 + round(f (k - 1)), f in {0, 1/2, 1}: all scattered, about half, one cluster.
+        assert {0.0, 1.0} <= set(np.round(fracs, 6))
+        middle = fracs[(fracs > 0) & (fracs < 1)]
+        assert len(middle) > 20 and np.all(np.abs(middle - 0.5) <= 0.5 / 5 + 1e-9)
+        for f in (0.0, 1.0):  # each level holds roughly a third of the slides
+            assert 20 <= (fracs == f).sum() <= 60
+    else:
+        assert len(np.unique(np.round(fracs, 6))) > 8  # continuous: many distinct fractions
+
+
 # --------------------------------------------------------------------------------------------------
 # Building
 
@@ -299,7 +318,7 @@ def test_config_checks_and_default_dir(tmp_path, monkeypatch):
     assert BenchmarkConfig.from_dict(BenchmarkConfig().to_dict()) == BenchmarkConfig()
     assert BenchmarkConfig.preset("full").n_train > BenchmarkConfig.preset("demo").n_train
     for bad in (dict(lesion_min=2), dict(grid_min=10), dict(lesion_class=0), dict(task="x"),
-                dict(censoring_rate=1.5), dict(n_train=1)):
+                dict(censoring_rate=1.5), dict(n_train=1), dict(survival_levels=1)):
         with pytest.raises(BenchmarkError):
             BenchmarkConfig(**bad).validate()
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mamba2d.mil import MODELS, build_model, count_parameters
+from mamba2d.train.engine import AUX_WEIGHTS
 
 PS = 256
 IN_DIM = 20
@@ -40,6 +41,24 @@ def test_outputs(name, n, task):
         assert torch.allclose(out.probs.sum(), torch.tensor(1.0))
     else:
         assert (out.survival[1:] <= out.survival[:-1]).all()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bfloat16_autocast_forward_and_backward(name):
+    """The trainer runs models under bf16 autocast on GPUs; CPU autocast exercises the same casts."""
+    feats, coords = _slide(17, seed=5)
+    m = _build(name).train()
+    kwargs = {"label": 1} if name in AUX_WEIGHTS else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(feats, coords, PS, **kwargs)
+        loss = torch.nn.functional.cross_entropy(out.logits.float()[None], torch.tensor([1]))
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss.float()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert out.attention.dtype == torch.float32 and torch.isfinite(out.attention).all()
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 @pytest.mark.parametrize("name", ["abmil", "clam_sb", "dsmil", "dtfd", "meanmil", "maxmil", "2dmambamil"])

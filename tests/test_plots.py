@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.image import imread
+from sklearn.metrics import roc_auc_score
 
 from mamba2d.train.metrics import classification_metrics
-from mamba2d.train.plots import save_confusion_matrix, save_km_by_risk, save_roc_curves, save_training_curves
+from mamba2d.train.plots import (
+    macro_roc,
+    save_confusion_matrix,
+    save_km_by_risk,
+    save_roc_comparison,
+    save_roc_curves,
+    save_training_curves,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -51,6 +59,26 @@ def test_roc_curves(tmp_path: Path, n_classes: int) -> None:
     out = save_roc_curves(y, probs, [f"class {i}" for i in range(n_classes)], tmp_path / "roc.png")
     assert out == tmp_path / "roc.png"
     _assert_png(out, tmp_path)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_macro_roc_matches_sklearn_and_is_a_curve(n_classes: int) -> None:
+    y, probs = _classification(n_classes, seed=n_classes)
+    fpr, tpr, auc = macro_roc(y, probs)
+    expected = (roc_auc_score(y, probs[:, 1]) if n_classes == 2
+                else roc_auc_score(y, probs, average="macro", multi_class="ovr"))
+    assert auc == pytest.approx(expected, rel=1e-12)
+    assert fpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == pytest.approx(1.0)
+    assert (np.diff(tpr) >= -1e-12).all() and (tpr >= fpr - 0.5).all()
+    # The area under the averaged, interpolated curve is close to the mean of the exact AUCs.
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auc, abs=0.02)
+
+
+def test_roc_comparison(tmp_path: Path) -> None:
+    curves = {"model a": _classification(3, seed=1), "model b": _classification(3, seed=2)}
+    _assert_png(save_roc_comparison(curves, tmp_path / "roc.png"), tmp_path)
+    with pytest.raises(ValueError):
+        save_roc_comparison({"bad": (np.array([0, 1]), np.ones((3, 2)) / 2)}, tmp_path / "bad.png")
 
 
 def test_roc_curves_class_absent(tmp_path: Path) -> None:

@@ -122,6 +122,21 @@ def test_same_seed_same_result(cohort):
     assert a == b
 
 
+def test_clip_grad_changes_training_and_is_checked(cohort, capsys):
+    common = ["--folds", "2", "--epochs", "1", "--model", "abmil", "--lr", "1e-2", "--seeds", "0"]
+    assert _train(cohort, cohort / "clip_none", *common) == 0
+    assert _train(cohort, cohort / "clip_tiny", *common, "--clip-grad", "1e-4") == 0
+    assert _train(cohort, cohort / "clip_huge", *common, "--clip-grad", "1e9") == 0
+    def weights(name):
+        path = next((cohort / name).glob("fold0_seed0/last.pt"))
+        return torch.load(path, weights_only=True)["model"]
+    none, tiny, huge = weights("clip_none"), weights("clip_tiny"), weights("clip_huge")
+    # A bound far above any gradient norm changes nothing; a tiny one changes every step.
+    assert all(torch.equal(none[k], huge[k]) for k in none)
+    assert any(not torch.allclose(none[k], tiny[k]) for k in none if none[k].is_floating_point())
+    _expect_error(capsys, cohort, cohort / "clip_bad", "clip_grad", *common, "--clip-grad", "0")
+
+
 def test_survival_run_matches_an_independent_c_index(cohort):
     out = cohort / "surv"
     test = [f"case{i:02d}" for i in range(0, 16, 4)]

@@ -47,6 +47,20 @@ def test_percentiles_match_scipy_average_ranks():
     assert np.isnan(got[~ok]).all()
 
 
+def test_max_scale_is_linear_and_rejects_unknown_scales():
+    rng = np.random.default_rng(4)
+    grid = rng.random((5, 7)) * 0.01
+    grid[0, 0] = np.nan
+    got = to_display(grid, scale="max")
+    ok = ~np.isnan(grid)
+    assert np.allclose(got[ok], grid[ok] / np.nanmax(grid), rtol=1e-12) and np.isnan(got[0, 0])
+    assert np.nanmax(got) == 1.0
+    zeros = np.where(ok, 0.0, np.nan)
+    assert (to_display(zeros, scale="max")[ok] == 0).all()
+    with pytest.raises(ValueError, match="scale"):
+        to_display(grid, scale="log")
+
+
 def test_overlay_colours_covered_cells_only():
     image = np.random.default_rng(3).integers(0, 256, (40, 60), dtype=np.uint8)
     grid = np.full((4, 6), np.nan)

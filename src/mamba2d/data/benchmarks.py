@@ -18,9 +18,11 @@ Classification classes (:data:`CLASS_NAMES`):
   a whole row apart in raster order, which is what separates 2D scans from 1D sequences.
 
 Survival (``task="survival"``): a compact cluster of s of the k lesion tiles plus k - s loosely
-scattered ones; the risk r = (s - 1) / (k - 1) (the fraction of lesions in the largest cluster) sets a Weibull
-event time, T = scale * exp(-beta * r) * Weibull(shape), censored by independent uniform times
-calibrated to the configured censoring rate.
+scattered ones. The risk r = (s - 1) / (k - 1), the fraction of lesions in the largest cluster,
+takes ``survival_levels`` evenly spaced values (default 3: all scattered, half clustered, one
+cluster; 0 draws it uniformly, a harder task) and sets a Weibull event time
+T = scale * exp(-beta * r) * Weibull(shape), censored by independent uniform times calibrated to
+the configured censoring rate.
 
 Outputs (see ``docs/benchmark.md``): TRIDENT-style ``features/<slide>.h5`` that
 :func:`mamba2d.data.bags.read_bag` reads, ``labels.csv``, ``splits.csv``, ``slides.csv`` (per-slide
@@ -133,7 +135,8 @@ class BenchmarkConfig:
     holds a decoy group of the same count distribution in a random one of the three patterns.
     ``patch_size_level0``: pixels per cell in the written coords. ``encoder_input_size``: the side
     tiles are resized to for the default encoder. Survival: ``survival_scale_months``,
-    ``survival_beta``, ``survival_shape`` (Weibull) and the target ``censoring_rate``.
+    ``survival_beta``, ``survival_shape`` (Weibull), ``survival_levels`` (how many distinct cluster
+    fractions; 0 = continuous) and the target ``censoring_rate``.
     ``fmnist_dir``: where Fashion-MNIST is (None: the usual places); not part of the identity.
     """
 
@@ -142,16 +145,16 @@ class BenchmarkConfig:
     n_val: int = 60
     n_test: int = 120
     grid_min: int = 16
-    grid_max: int = 48
+    grid_max: int = 28
     seed: int = 0
     fmnist_dir: str | None = None
     encoder_input_size: int = 112
-    lesion_min: int = 4
+    lesion_min: int = 6
     lesion_max: int = 9
     lesion_class: int = 5  # Sandal: linearly separable from the clothing background (probe ~100 %)
     decoy_class: int = 8  # Bag: distinct from both, so "any odd-looking cluster" is not the rule
     background_classes: tuple[int, ...] = (0, 1, 2, 3, 4, 6)
-    decoy_prob: float = 0.5
+    decoy_prob: float = 0.0
     pool_per_class: int = 250
     tissue_min: float = 0.35
     tissue_max: float = 0.85
@@ -159,6 +162,7 @@ class BenchmarkConfig:
     survival_scale_months: float = 150.0
     survival_beta: float = 3.0
     survival_shape: float = 1.5
+    survival_levels: int = 3
     censoring_rate: float = 0.4
 
     def __post_init__(self) -> None:
@@ -242,17 +246,21 @@ class BenchmarkConfig:
             fail("pool_per_class and patch_size_level0 must be positive")
         if not 0.05 <= self.censoring_rate <= 0.9:
             fail(f"censoring_rate must be in [0.05, 0.9], got {self.censoring_rate}")
+        if self.survival_levels == 1 or self.survival_levels < 0:
+            fail(f"survival_levels must be 0 (continuous) or at least 2, got {self.survival_levels}")
         if min(self.survival_scale_months, self.survival_beta, self.survival_shape) <= 0:
             fail("survival_scale_months, survival_beta and survival_shape must be positive")
         return self
 
 
-#: ``demo``: 420 slides of 16..48 cells a side, about 1.2 GB, built in 1-2 minutes on 2 CPU cores
-#: (see docs/benchmark.md); ``full``: twice the slides, up to 64 cells a side, for final numbers.
+#: ``demo`` (the defaults): 420 slides of 16..28 cells a side, 6..9 lesion tiles, no decoys, built
+#: in under a minute on 2 CPU cores. ``hard``: grids up to 48 cells, 4..9 lesions, and a decoy group
+#: in half the slides. ``full``: ``hard`` with twice the slides and grids up to 64 cells.
 PRESETS: dict[str, BenchmarkConfig] = {
     "demo": BenchmarkConfig(),
-    "full": BenchmarkConfig(n_train=480, n_val=120, n_test=240, grid_min=16, grid_max=64,
-                            pool_per_class=500),
+    "hard": BenchmarkConfig(grid_max=48, lesion_min=4, decoy_prob=0.5),
+    "full": BenchmarkConfig(n_train=480, n_val=120, n_test=240, grid_min=16, grid_max=64, lesion_min=4,
+                            decoy_prob=0.5, pool_per_class=500),
 }
 
 
@@ -550,7 +558,9 @@ def sample_layout(config: BenchmarkConfig, key: Sequence[int], label: int | None
 
     if label is None:
         # Survival: a cluster of s lesion tiles plus k - s scattered ones, none touching the cluster.
-        s = 1 + int(round(u * (k - 1)))
+        frac = u if config.survival_levels == 0 else (
+            min(int(u * config.survival_levels), config.survival_levels - 1) / (config.survival_levels - 1))
+        s = 1 + int(round(frac * (k - 1)))
         lesion = None
         for _ in range(_MAX_PLACE_TRIES):
             blob = _place_cluster(rng, tissue, s, min_side=1)

@@ -32,7 +32,14 @@ class MILOutput:
 
 def heads_output(logits: torch.Tensor, task: str, attention: torch.Tensor,
                  embedding: torch.Tensor | None) -> MILOutput:
-    """Fill a :class:`MILOutput` from head logits for ``task`` ("classification" or "survival")."""
+    """Fill a :class:`MILOutput` from head logits for ``task`` ("classification" or "survival").
+
+    Outputs are float32 even under bf16/fp16 autocast: probabilities, survival curves and attention
+    maps are results that losses, metrics and heatmaps read, and low precision would round them.
+    """
+    logits, attention = logits.float(), attention.float()
+    if embedding is not None:
+        embedding = embedding.float()
     if task == "classification":
         return MILOutput(logits, attention, probs=logits.softmax(-1), embedding=embedding)
     hazards = torch.sigmoid(logits)

@@ -60,9 +60,10 @@ class DTFDMIL(nn.Module):
         pooled_t = torch.stack(pooled)  # (groups, d)
         w2 = self.attention2(pooled_t).softmax(dim=0)
         emb = w2 @ pooled_t
-        attention = h.new_zeros(h.shape[0])
+        # float32 whatever the autocast dtype: the weights are a result users plot, not an activation.
+        attention = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
         for g, idx in enumerate(groups):
-            attention[idx] = weights1[g] * w2[g]
+            attention[idx] = (weights1[g] * w2[g]).float()
         out = heads_output(self.head2(emb), self.task, attention, emb if return_embedding else None)
         if label is not None and self.task == "classification":
             target = torch.full((len(groups),), int(label), dtype=torch.long, device=h.device)

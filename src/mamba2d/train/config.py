@@ -40,6 +40,7 @@ class TrainConfig:
     weight_decay: float = _opt("AdamW weight decay", default=1e-5)
     seeds: list[int] = _opt("seeds to repeat each fold with, e.g. 0,1,2", default_factory=lambda: [0])
     accumulate: int = _opt("slides per optimizer step (gradient accumulation)", default=1)
+    clip_grad: float | None = _opt("clip the gradient norm to this value before each step")
     balanced_sampling: bool = _opt("draw training slides with class-balanced weights", default=False)
     early_stopping: int | None = _opt("stop after this many epochs without a better validation score")
     device: str = _opt("auto, cpu, cuda or cuda:N", default="auto")
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ValueError("seeds must name at least one seed")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"clip_grad must be positive, got {self.clip_grad}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         return self

@@ -297,6 +297,8 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
                 lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps_per_epoch + step) / total_steps))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                if cfg.clip_grad is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1

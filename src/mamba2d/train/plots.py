@@ -23,7 +23,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from mamba2d.train.metrics import _as_real, _check_classification_inputs
 from mamba2d.train.survival_stats import kaplan_meier, logrank_test, number_at_risk
 
-__all__ = ["save_confusion_matrix", "save_km_by_risk", "save_roc_curves", "save_training_curves"]
+__all__ = ["save_confusion_matrix", "save_km_by_risk", "save_roc_comparison", "save_roc_curves",
+           "save_training_curves"]
 
 _DPI = 120
 
@@ -83,6 +84,46 @@ def save_roc_curves(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
     ax.set_xlabel("False positive rate")
     ax.set_ylabel("True positive rate")
     ax.set_title("ROC curves" + (" (one-vs-rest)" if n_classes > 2 else ""))
+    ax.legend(loc="lower right", fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save_atomic(fig, path)
+
+
+def macro_roc(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Macro-averaged one-vs-rest ROC: (fpr grid (201,), mean tpr (201,), macro AUC).
+
+    Binary problems give class 1's curve. Each class's curve is interpolated onto a common false
+    positive grid and the true positive rates are averaged; the AUC is the mean of the per-class
+    AUCs (as ``roc_auc_score(average="macro", multi_class="ovr")``).
+    """
+    y, p, _ = _check_classification_inputs(y_true, probs, None)
+    classes = [1] if p.shape[1] == 2 else [c for c in range(p.shape[1]) if 0 < (y == c).sum() < y.size]
+    grid = np.linspace(0.0, 1.0, 201)
+    tprs, aucs = [], []
+    for c in classes:
+        fpr, tpr, _ = roc_curve(y == c, p[:, c])
+        tprs.append(np.interp(grid, fpr, tpr))
+        aucs.append(roc_auc_score(y == c, p[:, c]))
+    if not tprs:
+        raise ValueError("no class has both positives and negatives: ROC undefined")
+    return grid, np.mean(tprs, axis=0), float(np.mean(aucs))
+
+
+def save_roc_comparison(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike[str],
+                        title: str = "ROC, macro one-vs-rest") -> Path:
+    """One macro-averaged ROC curve per model on shared axes. ``curves``: name -> (y_true, probs)."""
+    fig = _new_figure(5.5, 5.0)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
+    for name, (y, p) in curves.items():
+        fpr, tpr, auc = macro_roc(y, p)
+        ax.plot(fpr, tpr, linewidth=1.8, label=f"{name} (AUC = {auc:.3f})")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    ax.set_title(title)
     ax.legend(loc="lower right", fontsize="small")
     ax.grid(alpha=0.3)
     return _save_atomic(fig, path)

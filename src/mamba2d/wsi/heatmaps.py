@@ -46,12 +46,23 @@ def score_grid(scores: np.ndarray | torch.Tensor, coords: np.ndarray | torch.Ten
     return out
 
 
-def to_display(grid: np.ndarray) -> np.ndarray:
-    """Scores to percentiles in [0, 1] over the cells that have a patch (ties share a rank); NaN stays NaN."""
+def to_display(grid: np.ndarray, scale: str = "percentile") -> np.ndarray:
+    """Scores to [0, 1] over the cells that have a patch; NaN stays NaN.
+
+    ``scale="percentile"`` (CLAM's convention): each cell's rank among the cells (ties share a
+    rank), which spreads the colours evenly but also colours the order of near-zero scores.
+    ``scale="max"``: score / max score, linear, which shows how concentrated attention is.
+    """
+    if scale not in ("percentile", "max"):
+        raise ValueError(f"scale must be 'percentile' or 'max', got {scale!r}")
     out = np.full(grid.shape, np.nan)
     ok = ~np.isnan(grid)
     values = grid[ok]
     if values.size == 0:
+        return out
+    if scale == "max":
+        top = values.max()
+        out[ok] = values / top if top > 0 else 0.0
         return out
     if values.size == 1:
         out[ok] = 1.0
@@ -91,8 +102,14 @@ def overlay(image: np.ndarray, grid: np.ndarray, alpha: float = 0.5, cmap: str =
 
 
 def save_overlay_png(path: str | Path, image: np.ndarray, grid: np.ndarray, title: str | None = None,
-                     alpha: float = 0.5) -> Path:
-    """Write the image beside its attention overlay (with a colour bar) as one PNG, atomically."""
+                     alpha: float = 0.5, scale_label: str = "attention (percentile)") -> Path:
+    """Write the image beside its attention overlay (with a colour bar) as one PNG, atomically.
+
+    ``grid``: (H, W) display values in [0, 1] (see :func:`to_display`); ``scale_label`` titles the
+    overlay panel; a long ``title`` is wrapped.
+    """
+    import textwrap
+
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -107,12 +124,12 @@ def save_overlay_png(path: str | Path, image: np.ndarray, grid: np.ndarray, titl
     left.imshow(image, cmap="gray", vmin=0, vmax=255)  # the colour map applies to grey images only
     left.set_title("slide")
     right.imshow(blended)
-    right.set_title("attention (percentile)")
+    right.set_title(scale_label)
     for ax in (left, right):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(ScalarMappable(cmap=colormaps["jet"]), ax=right, fraction=0.046, pad=0.04)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(textwrap.fill(title, 90), fontsize=10)
     fig.tight_layout()
     return atomic_write(path, lambda p: fig.savefig(p, format="png"))
