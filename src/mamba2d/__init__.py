@@ -28,6 +28,12 @@ _LAZY = {
     "compare_runs": "mamba2d.train.evaluate",
     "classification_metrics": "mamba2d.train.metrics",
     "concordance_index": "mamba2d.train.metrics",
+    "run_demo": "mamba2d.demo",
+    "open_slide": "mamba2d.wsi.slides",
+    "tissue_mask": "mamba2d.wsi.tissue",
+    "plan_tiles": "mamba2d.wsi.tiling",
+    "build_encoder": "mamba2d.wsi.encoders",
+    "extract_slides": "mamba2d.wsi.extract",
 }
 
 
@@ -42,5 +48,6 @@ __all__ = [
     "SRMamba", "ScanLayout", "TrainConfig", "TwoDMambaMIL", "__version__", "build_model",
     "classification_metrics", "compare_runs", "concordance_index", "evaluate_run", "kfold_splits",
     "nll_survival_loss", "patch_grid", "read_bag", "read_labels", "read_split_csv", "run_training",
-    "selective_scan_2d",
+    "selective_scan_2d", "run_demo", "open_slide", "tissue_mask", "plan_tiles", "build_encoder",
+    "extract_slides",
 ]

@@ -26,7 +26,10 @@ examples:
   mamba2d train --resume --out runs/2d          continue a killed run where it stopped
   mamba2d eval --run runs/2d --out runs/2d-eval
   mamba2d compare runs/2d runs/abmil            mean ± std over folds and seeds
+  mamba2d heatmap --run runs/2d --slide s1.svs --features feats/s1.h5 --out s1.png
+                                                attention over the whole slide (PNG, CSV, GeoJSON)
   mamba2d demo                                  the built-in benchmark: train, compare, heatmaps
+  mamba2d extract --slides slides/ --out feats  slides to feature h5 files (tissue, tiling, encoder)
   mamba2d selfcheck                             check the 2D scan against its reference
   mamba2d bench -- --help                       the scan benchmark's options
 """
@@ -79,6 +82,20 @@ def _selfcheck(args: argparse.Namespace) -> int:
     verdict = "OK" if ok else "FAILED"
     print(f"{verdict}: worst relative error {worst:.2e} (tolerance {TOLERANCE:.0e}) vs float64 reference")
     return 0 if ok else 1
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from mamba2d.wsi.extract import ExtractConfig, extract_slides
+
+    cfg = ExtractConfig(magnification=args.magnification, patch_size=args.patch_size,
+                        min_tissue=args.min_tissue, encoder=args.encoder, weights=args.weights,
+                        input_size=args.input_size, batch_size=args.batch_size, workers=args.workers,
+                        device=args.device, mpp=args.mpp, skip_bad=args.skip_bad)
+    manifest = extract_slides(args.slides, args.out, cfg, progress=not args.no_progress)
+    counts = manifest["status"].value_counts().to_dict()
+    print(f"{len(manifest)} slides: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+          + f"; features in {args.out}/features, manifest {args.out}/manifest.csv, QC images {args.out}/qc")
+    return 0 if counts.get("failed", 0) == 0 else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -188,6 +205,18 @@ def _compare(args: argparse.Namespace) -> int:
 
         out = Path(args.out)
         write_text(out, table.to_csv(index=False) if out.suffix == ".csv" else text + "\n")
+    return 0
+
+
+def _heatmap(args: argparse.Namespace) -> int:
+    from mamba2d.wsi.slide_heatmap import run_heatmap
+
+    info = run_heatmap(args.run, args.slide, args.features, args.out, level=args.level,
+                       max_side=args.max_side, alpha=args.alpha, cmap=args.cmap, blur=args.blur,
+                       scale=args.scale, mpp=args.mpp, device=args.device, fold_seed=args.fold_seed,
+                       patch_size=args.patch_size)
+    print(f"{info['slide_id']}: {info['model']} {info['prediction']}; heatmap {info['png']}, "
+          f"scores {info['csv']}, {info['geojson']}")
     return 0
 
 
@@ -302,6 +331,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
+    ext = sub.add_parser(
+        "extract",
+        help="slides to TRIDENT-style feature h5 files: tissue mask, tiling, frozen encoder",
+        description=(
+            "Whole-slide images (.svs, .tif, .ndpi, .mrxs, ...) to patch features, offline.\n"
+            "Per slide: a tissue mask (Otsu on saturation, clean-up) with a QC picture in OUT/qc/,\n"
+            "non-overlapping patches on the level-0 lattice at --magnification, a frozen encoder,\n"
+            "and OUT/features/<slide>.h5 (features, coords + patch-size attributes) that\n"
+            "`mamba2d train --features OUT/features` reads as is. OUT/manifest.csv records each\n"
+            "slide; a rerun skips finished slides. Slides are read with tiffslide (or openslide)."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ext.add_argument("--slides", required=True, help="a folder of slides, or a CSV with path[,slide_id,mpp]")
+    ext.add_argument("--out", required=True, help="output folder")
+    ext.add_argument("--magnification", type=float, default=20.0, help="target magnification (default 20)")
+    ext.add_argument("--patch-size", type=int, default=256,
+                     help="patch side at that magnification (default 256)")
+    ext.add_argument("--min-tissue", type=float, default=0.5,
+                     help="keep patches at least this fraction tissue (default 0.5)")
+    ext.add_argument("--encoder", default="efficientnet_lite0",
+                     help="efficientnet_lite0 (packaged ImageNet weights), timm:NAME or torchscript:PATH")
+    ext.add_argument("--weights",
+                     help="local weight file (needed for timm:NAME; optional for efficientnet_lite0)")
+    ext.add_argument("--input-size", type=int, help="encoder input side (default: the encoder's, 224)")
+    ext.add_argument("--batch-size", type=int, default=64, help="patches per batch (default 64)")
+    ext.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    ext.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (bf16 on GPU)")
+    ext.add_argument("--mpp", type=float, help="level-0 microns per pixel, for slides that do not record it")
+    ext.add_argument("--skip-bad", action="store_true",
+                     help="record unreadable slides in the manifest and go on")
+    ext.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ext.set_defaults(func=_extract)
+
     check = sub.add_parser(
         "selfcheck",
         help="run the 2D scan on small random inputs and check it against the reference",
@@ -352,6 +414,56 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--part", default="test", choices=("test", "val"), help="which part to compare")
     cmp.add_argument("--out", help="also write the table: .csv for CSV, anything else for Markdown")
     cmp.set_defaults(func=_compare)
+
+    hm = sub.add_parser(
+        "heatmap",
+        help="draw a trained model's attention over a whole slide (PNG, plus CSV and GeoJSON scores)",
+        description=(
+            "Run one model of a training run on a slide's feature bag and paint each patch's\n"
+            "attention weight over the slide. Writes OUT (the slide beside the overlay, with a\n"
+            "colour bar and the prediction in the title) and, beside it, OUT.csv (x,y,width,height,\n"
+            "score per patch: level-0 pixels and the raw attention weight) and OUT.geojson (the\n"
+            "patches as square tiles with an 'attention' measurement; drag it onto the slide in\n"
+            "QuPath).\n\n"
+            "The bag's coordinates must be level-0 pixels of this slide, as CLAM and TRIDENT write\n"
+            "them. Colours are percentiles of the patches' attention (--scale max: attention / its\n"
+            "maximum, linear)."),
+        epilog=("example:\n  mamba2d heatmap --run runs/2d --slide slides/s1.svs --features feats/s1.h5 "
+                "--out s1.png"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    need = hm.add_argument_group("inputs and output")
+    need.add_argument("--run", required=True, metavar="RUN_DIR",
+                      help="run directory written by `mamba2d train`")
+    need.add_argument("--slide", required=True, metavar="PATH",
+                      help="the whole-slide image (.svs, .tif, ...)")
+    need.add_argument("--features", required=True, metavar="H5",
+                      help="the slide's feature bag (CLAM/TRIDENT .h5, or CLAM .pt with its patches h5)")
+    need.add_argument("--out", required=True, metavar="PNG",
+                      help="output PNG; OUT.csv and OUT.geojson are written beside it")
+    look = hm.add_argument_group("drawing")
+    look.add_argument("--level", default="auto", metavar="auto|K",
+                      help="draw on a thumbnail of at most --max-side pixels (auto), or on pyramid level K "
+                           "read whole (default: auto)")
+    look.add_argument("--max-side", type=int, default=2048, metavar="PIXELS",
+                      help="longer side of the auto thumbnail (default: 2048)")
+    look.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0 to 1 (default: 0.5)")
+    look.add_argument("--cmap", default="jet", metavar="NAME",
+                      help="matplotlib colour map, e.g. jet, viridis, inferno, coolwarm (default: jet)")
+    look.add_argument("--blur", action="store_true",
+                      help="smooth the heatmap inside the tissue (Gaussian, sigma half a patch)")
+    look.add_argument("--scale", default="percentile", choices=("percentile", "max"),
+                      help="colour by percentile among the patches, or by attention / max "
+                           "(default: percentile)")
+    other = hm.add_argument_group("model and slide")
+    other.add_argument("--fold-seed", metavar="foldK_seedS",
+                       help="which model of the run (default: the first, e.g. fold0_seed0)")
+    other.add_argument("--mpp", type=float, metavar="X",
+                       help="level-0 microns per pixel, when the slide lacks it (for the scale bar)")
+    other.add_argument("--patch-size", type=int, metavar="PIXELS",
+                       help="level-0 patch size, when the feature file lacks it (default: the run's)")
+    other.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    hm.set_defaults(func=_heatmap)
     return parser
 
 

@@ -96,3 +96,105 @@ class EfficientNetLite0Encoder(nn.Module):
         out = [self(x[i:i + batch_size].to(device).permute(0, 3, 1, 2).float() / 255.0).float().cpu()
                for i in range(0, x.shape[0], batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.feature_dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders by name, for `mamba2d extract`
+# --------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class NormalisedEncoder(nn.Module):
+    """A trunk that maps (N, 3, S, S) normalised images to (N, D) features, with its preprocessing:
+    resize to ``input_size`` (bilinear, antialiased), then (x - mean) / std per channel on [0, 1]
+    pixels. ``forward`` takes (N, 3, H, W) RGB in [0, 1] like :class:`EfficientNetLite0Encoder`."""
+
+    def __init__(self, trunk: nn.Module, input_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 feature_dim: int, name: str) -> None:
+        super().__init__()
+        self.trunk = trunk.eval()
+        for param in self.trunk.parameters():  # ScriptModules have no requires_grad_()
+            param.requires_grad_(False)
+        self.input_size, self.feature_dim, self.name = int(input_size), int(feature_dim), name
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True) -> NormalisedEncoder:
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        out = self.trunk((x - self.mean) / self.std)
+        if out.dim() != 2:
+            out = out.flatten(1) if out.dim() > 2 and out.shape[2:].numel() == 1 else out.mean(dim=(2, 3))
+        return out
+
+
+def build_encoder(spec: str = "efficientnet_lite0", weights: str | Path | None = None,
+                  input_size: int | None = None) -> nn.Module:
+    """A frozen patch encoder by name; nothing is downloaded.
+
+    - ``efficientnet_lite0``: the packaged ImageNet weights (or ``weights``); input resized to
+      ``input_size`` (default 224), pixels scaled to [-1, 1]; 1280-d.
+    - ``timm:NAME``: ``timm.create_model(NAME, num_classes=0)`` with the state dict in ``weights``
+      (required); mean, std and input size from the model's timm config.
+    - ``torchscript:PATH``: a TorchScript module (e.g. UNI or CONCH exported locally) taking
+      ImageNet-normalised (N, 3, S, S) images, S = ``input_size`` (default 224), returning (N, D).
+
+    The result's ``forward`` takes (N, 3, H, W) RGB in [0, 1] and returns (N, feature_dim).
+    """
+    if spec == "efficientnet_lite0":
+        enc = EfficientNetLite0Encoder(weights)
+        if input_size is not None:
+            enc.input_size = int(input_size)
+        enc.name = "efficientnet_lite0"
+        return enc
+    if spec.startswith("timm:"):
+        return _timm_encoder(spec[5:], weights, input_size)
+    if spec.startswith("torchscript:"):
+        path = Path(spec[len("torchscript:"):])
+        if not path.is_file():
+            raise FileNotFoundError(f"TorchScript encoder not found: {path}")
+        try:
+            trunk = torch.jit.load(str(path), map_location="cpu")
+        except Exception as err:
+            raise ValueError(f"{path}: not a TorchScript module ({type(err).__name__}: {err})") from err
+        size = int(input_size or 224)
+        with torch.no_grad():
+            probe = trunk(torch.zeros(1, 3, size, size))
+        if probe.dim() != 2:
+            raise ValueError(f"{path}: the module must return (N, D) features, "
+                             f"got shape {tuple(probe.shape)}")
+        return NormalisedEncoder(trunk, size, IMAGENET_MEAN, IMAGENET_STD, probe.shape[1],
+                                 f"torchscript:{path.name}")
+    raise ValueError(f"unknown encoder {spec!r}: use efficientnet_lite0, timm:NAME or torchscript:PATH")
+
+
+def _timm_encoder(name: str, weights: str | Path | None, input_size: int | None) -> nn.Module:
+    if weights is None:
+        raise ValueError(f"encoder timm:{name} needs --weights PATH (a local state dict); "
+                         "nothing is downloaded")
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder weights not found: {path}")
+    try:
+        import timm
+    except Exception as err:
+        raise ImportError(f"encoder timm:{name} needs timm (pip install timm): {err}") from err
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith(("head.fc.", "fc.", "classifier."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit timm model {name} (missing {list(missing)[:3]}, "
+                         f"unexpected {list(unexpected)[:3]})")
+    cfg = model.pretrained_cfg or {}
+    size = int(input_size or cfg.get("input_size", (3, 224, 224))[-1])
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return NormalisedEncoder(model, size, mean, std,
+                             model.num_features, f"timm:{name}")
