@@ -78,15 +78,20 @@ def save_roc_curves(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
         auc = roc_auc_score(positive, p[:, c])
         label = f"{names[c]} vs {names[0]}" if n_classes == 2 else f"{names[c]} vs rest"
         ax.plot(fpr, tpr, linewidth=1.8, label=f"{label} (AUC = {auc:.3f})")
+    _finish_roc_axes(ax, "ROC curves" + (" (one-vs-rest)" if n_classes > 2 else ""))
+    return _save_atomic(fig, path)
+
+
+def _finish_roc_axes(ax, title: str) -> None:
+    """Square unit axes, labels, legend and grid shared by the ROC figures."""
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
     ax.set_xlabel("False positive rate")
     ax.set_ylabel("True positive rate")
-    ax.set_title("ROC curves" + (" (one-vs-rest)" if n_classes > 2 else ""))
+    ax.set_title(title)
     ax.legend(loc="lower right", fontsize="small")
     ax.grid(alpha=0.3)
-    return _save_atomic(fig, path)
 
 
 def macro_roc(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -118,14 +123,7 @@ def save_roc_comparison(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: 
     for name, (y, p) in curves.items():
         fpr, tpr, auc = macro_roc(y, p)
         ax.plot(fpr, tpr, linewidth=1.8, label=f"{name} (AUC = {auc:.3f})")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.set_xlabel("False positive rate")
-    ax.set_ylabel("True positive rate")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize="small")
-    ax.grid(alpha=0.3)
+    _finish_roc_axes(ax, title)
     return _save_atomic(fig, path)
 
 
