@@ -146,6 +146,10 @@ def test_extract_resumes_and_skips_bad_slides(tmp_path, slide_dir, capsys):
     assert main(args) == 0  # a rerun skips the finished slide
     assert h5.stat().st_mtime_ns == before
     assert not list((out / "features").glob(".*.tmp"))
+    # Resuming with another encoder input size must not mix features in one folder.
+    other = [a if a != "64" or args[i - 1] != "--input-size" else "32" for i, a in enumerate(args)]
+    assert main(other) == 2
+    assert "other settings" in capsys.readouterr().err and h5.stat().st_mtime_ns == before
 
 
 def test_slide_csv_and_torchscript_encoder(tmp_path, slide_dir):

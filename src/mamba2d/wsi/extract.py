@@ -103,10 +103,11 @@ class _PatchDataset(torch.utils.data.Dataset):
 
 
 def write_features_h5(path: Path, features: np.ndarray, plan: TilePlan, slide: Slide, slide_id: str,
-                      encoder_name: str) -> Path:
+                      encoder_name: str, settings: str = "") -> Path:
     """TRIDENT-compatible h5: ``features`` (N, D) float32; ``coords`` (N, 2) int64 level-0 (x, y) with
     the attributes ``patch_size`` (at the target magnification), ``patch_size_level0``,
-    ``level0_magnification``, ``target_magnification``, ``level0_width``, ``level0_height``."""
+    ``level0_magnification``, ``target_magnification``, ``level0_width``, ``level0_height``; the file
+    attribute ``extract_settings`` records what a resumed run must match."""
     from mamba2d.train.checkpoint import atomic_write
 
     def write(tmp: Path) -> None:
@@ -122,21 +123,33 @@ def write_features_h5(path: Path, features: np.ndarray, plan: TilePlan, slide: S
                 coords.attrs[k] = v
             f.create_dataset("tissue_fraction", data=plan.tissue_fraction.astype(np.float32))
             f.attrs["encoder"] = encoder_name
+            f.attrs["extract_settings"] = settings
             f.attrs["mpp"] = slide.mpp if slide.mpp else float("nan")
             f.attrs["slide_path"] = str(slide.path)
 
     return atomic_write(path, write)
 
 
+def _settings_tag(cfg: ExtractConfig) -> str:
+    """What makes two runs' features interchangeable; stored in each h5 and checked on resume."""
+    return (f"encoder={cfg.encoder};weights={cfg.weights};input_size={cfg.input_size};"
+            f"magnification={cfg.magnification:g};patch_size={cfg.patch_size};min_tissue={cfg.min_tissue:g}")
+
+
 def _finished(h5: Path, cfg: ExtractConfig) -> bool:
+    """True when ``h5`` is a complete feature file made with these settings. A complete file made
+    with other settings is an error: resuming must never mix two encoders or patch sizes in one
+    folder."""
     try:
         with h5py.File(h5, "r") as f:
-            c = f["coords"].attrs
-            return (f["features"].shape[0] == f["coords"].shape[0]
-                    and int(c["patch_size"]) == cfg.patch_size
-                    and float(c["target_magnification"]) == float(cfg.magnification))
+            complete = f["features"].shape[0] == f["coords"].shape[0]
+            tag = f.attrs.get("extract_settings")
     except Exception:
-        return False
+        return False  # unreadable or partial: extract it again
+    if complete and tag is not None and str(tag) != _settings_tag(cfg):
+        raise ValueError(f"{h5} was extracted with other settings ({tag}); this run asks for "
+                         f"{_settings_tag(cfg)}: use another --out")
+    return bool(complete and tag is not None)
 
 
 def extract_slides(slides: str | Path, out: str | Path, cfg: ExtractConfig | None = None,
@@ -199,7 +212,8 @@ def extract_slides(slides: str | Path, out: str | Path, cfg: ExtractConfig | Non
                     encoder = build_encoder(cfg.encoder, cfg.weights, cfg.input_size).to(device)
                 feats = _encode(encoder, _PatchDataset(path, mpp if mpp is not None else cfg.mpp, plan), cfg,
                                 device, progress, slide_id)
-                write_features_h5(h5, feats, plan, slide, slide_id, getattr(encoder, "name", cfg.encoder))
+                write_features_h5(h5, feats, plan, slide, slide_id, getattr(encoder, "name", cfg.encoder),
+                                  _settings_tag(cfg))
             rec.update(status="done", n_patches=len(plan.coords), h5=str(h5),
                        seconds=round(time.perf_counter() - started, 2))
             log(f"{slide_id}: {len(plan.coords)} patches, {rec['seconds']:.1f} s "
