@@ -34,6 +34,11 @@ _LAZY = {
     "plan_tiles": "mamba2d.wsi.tiling",
     "build_encoder": "mamba2d.wsi.encoders",
     "extract_slides": "mamba2d.wsi.extract",
+    "VMamba2D": "mamba2d.vision.vmamba",
+    "vmamba2d_tiny": "mamba2d.vision.vmamba",
+    "vmamba2d_small": "mamba2d.vision.vmamba",
+    "vmamba1d_tiny": "mamba2d.vision.vmamba",
+    "vmamba1d_small": "mamba2d.vision.vmamba",
 }
 
 
@@ -49,5 +54,5 @@ __all__ = [
     "classification_metrics", "compare_runs", "concordance_index", "evaluate_run", "kfold_splits",
     "nll_survival_loss", "patch_grid", "read_bag", "read_labels", "read_split_csv", "run_training",
     "selective_scan_2d", "run_demo", "open_slide", "tissue_mask", "plan_tiles", "build_encoder",
-    "extract_slides",
+    "extract_slides", "VMamba2D", "vmamba2d_tiny", "vmamba2d_small", "vmamba1d_tiny", "vmamba1d_small",
 ]

@@ -21,6 +21,13 @@ _ORIGINS = ((False, False), (True, True), (True, False), (False, True))
 _MASKED_DELTA = -1e4
 
 
+def mamba_dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4) -> torch.Tensor:
+    """Mamba's Δ bias initialisation: (n,) values whose softplus is dt, with dt drawn log-uniformly
+    in [dt_min, dt_max] and clamped below at ``floor``."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))  # the inverse of softplus
+
+
 class SSMCore(nn.Module):
     """The part of a Mamba layer between in_proj and out_proj, over a 2D grid of tokens.
 
@@ -78,9 +85,7 @@ class SSMCore(nn.Module):
     def _init_dt(self, dt_min: float, dt_max: float, floor: float) -> None:
         bound = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) = dt
+        self.dt_proj.bias.copy_(mamba_dt_bias(self.d_inner, dt_min, dt_max, floor))
 
     def forward(self, xs: torch.Tensor, z: torch.Tensor, H: int, W: int,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
