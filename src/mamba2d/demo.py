@@ -40,6 +40,7 @@ from mamba2d.train.distributed import pick_device
 from mamba2d.train.engine import rebuild_model, run_training
 from mamba2d.train.evaluate import compare_runs
 from mamba2d.wsi.heatmaps import save_overlay_png, score_grid, to_display
+from mamba2d.wsi.slide_heatmap import find_model_dir
 
 # A variant is a registered model with fixed arguments, under the name the tables show.
 Variant = tuple[str, dict[str, Any]]
@@ -211,7 +212,7 @@ def _heatmaps(run_dir: Path, bench_dir: Path, folder: Path, n: int, device: str)
     """Overlay 2DMambaMIL's attention on test mosaics, one slide per class first, and measure how
     much attention lands on the lesion tiles (``lesion_share``) against their share of the tiles."""
     dev = pick_device(device)
-    best = sorted(run_dir.glob("fold*_seed*/best.pt"))[0]
+    best = find_model_dir(run_dir) / "best.pt"
     model = rebuild_model(load_checkpoint(best, map_location=dev), dev)
     slides = pd.read_csv(bench_dir / "slides.csv")
     test = slides[slides["part"] == "test"]

@@ -241,17 +241,10 @@ def _encode(encoder: torch.nn.Module, dataset: _PatchDataset, cfg: ExtractConfig
                                          pin_memory=device.type == "cuda",
                                          persistent_workers=False)
     out = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for batch in tqdm(loader, desc=slide_id, unit="batch", leave=False, disable=not progress):
         x = batch.to(device, non_blocking=True).float() / 255.0
         with autocast:
             out.append(encoder(x).float().cpu())
     return torch.cat(out).numpy()
 
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
