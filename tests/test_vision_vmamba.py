@@ -1,12 +1,21 @@
 """2DVMamba and its 1D cross-scan twin: shapes, strides, the twins' equal parameters, the SS2D scans
-against the float64 reference backend, gradient flow, one optimiser step, timm registration."""
+against the float64 reference backend, gradient flow, one optimiser step, timm registration,
+features_only and checkpoint loading through timm."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mamba2d.vision import BUILDERS, SS2D, TIMM_REGISTERED, vmamba1d_tiny, vmamba2d_small, vmamba2d_tiny
+from mamba2d.vision import (
+    BUILDERS,
+    SS2D,
+    TIMM_REGISTERED,
+    VMamba2D,
+    vmamba1d_tiny,
+    vmamba2d_small,
+    vmamba2d_tiny,
+)
 
 SMALL = dict(dims=16, depths=(1, 1, 2, 1), num_classes=5, backend="torch")
 
@@ -30,15 +39,42 @@ def test_every_config_builds_and_classifies_non_square_images(name):
 
 def test_intermediates_have_strides_4_8_16_32():
     model = _tiny().eval()
+    x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        maps = model.forward_intermediates(torch.randn(2, 3, 64, 96))
+        final, maps = model.forward_intermediates(x)
+        only = model.forward_intermediates(x, indices=(1, -1), intermediates_only=True)
+        last_two = model.forward_intermediates(x, indices=2, output_fmt="NHWC", intermediates_only=True)
+        features = model.forward_features(x)
     assert [tuple(m.shape) for m in maps] == [(2, 16, 16, 24), (2, 32, 8, 12), (2, 64, 4, 6), (2, 128, 2, 3)]
-    with torch.no_grad():
-        only = model.forward_intermediates(torch.randn(2, 3, 64, 96), indices=(1,))
-    assert [tuple(m.shape) for m in only] == [(2, 32, 8, 12)]
-    assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 1, 1, 128)
+    assert [info["reduction"] for info in model.feature_info] == [4, 8, 16, 32]
+    assert [info["num_chs"] for info in model.feature_info] == [16, 32, 64, 128]
+    assert torch.equal(final, features) and features.shape == (2, 2, 3, 128)
+    assert torch.equal(only[0], maps[1]) and torch.equal(only[1], maps[3])
+    assert torch.equal(last_two[1], maps[3].permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match="multiples of 32"):
         model(torch.randn(1, 3, 40, 32))
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, indices=(4,))
+
+
+def test_pruning_for_features_keeps_the_maps_and_drops_the_rest():
+    model = _tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, intermediates_only=True)
+        assert model.prune_intermediate_layers((0, 1)) == [0, 1]
+        got = model.forward_intermediates(x, indices=(0, 1), intermediates_only=True)
+    assert len(model.stages) == 2 and isinstance(model.head, torch.nn.Identity)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_classifier_reset_and_weight_decay_exclusions():
+    model = _tiny()
+    model.reset_classifier(3)
+    assert model.get_classifier().out_features == 3 and model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    skip = model.no_weight_decay()
+    assert skip and all(n.rsplit(".", 1)[-1] in ("A_log", "D", "dt_bias") for n in skip)
+    assert sum(n.endswith("A_log") for n in skip) == sum(len(s) for s in model.stages)
 
 
 def test_the_1d_and_2d_twins_differ_only_in_the_scan():
@@ -113,9 +149,56 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(model(x), other.eval()(x))
 
 
-@pytest.mark.skipif(not TIMM_REGISTERED, reason="timm is not importable here")
-def test_timm_create_model():
-    import timm
+def test_timm_registers_the_four_builders_with_metadata():
+    timm = pytest.importorskip("timm")
+    assert TIMM_REGISTERED
+    assert set(timm.list_models("vmamba*")) >= set(BUILDERS)
+    model = timm.create_model("vmamba2d_tiny", num_classes=3, drop_path_rate=0.05, backend="torch")
+    assert isinstance(model, VMamba2D) and model.num_classes == 3
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["first_conv"] == "stem.0"
+    assert cfg["classifier"] == "head" and cfg["paper_ids"] == "arXiv:2412.00678"
+    assert not cfg.get("url") and not cfg.get("hf_hub_id")  # nothing to download
+    rates = [b.drop_path for stage in model.stages for b in stage]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.05)
+    # timm's kwargs override the config, as with the builder itself.
+    assert timm.create_model("vmamba1d_small", depths=(1, 1, 1, 1), dims=8, backend="torch").scan == "1d"
+    with pytest.raises(RuntimeError, match="No pretrained weights"):
+        timm.create_model("vmamba2d_tiny", pretrained=True)
 
-    model = timm.create_model("vmamba2d_tiny", num_classes=3, backend="torch")
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+def test_timm_features_only_gives_strides_4_to_32_on_non_square_input():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    feats = timm.create_model("vmamba2d_tiny", features_only=True, out_indices=(0, 1, 2, 3), backend="torch",
+                              dims=16, depths=(1, 1, 1, 1)).eval()
+    assert feats.feature_info.reduction() == [4, 8, 16, 32]
+    assert feats.feature_info.channels() == [16, 32, 64, 128]
+    with torch.no_grad():
+        maps = feats(torch.randn(2, 3, 96, 64))
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 24, 16), (2, 32, 12, 8), (2, 64, 6, 4), (2, 128, 3, 2)]
+    two = timm.create_model("vmamba1d_tiny", features_only=True, out_indices=(1, 2), backend="torch",
+                            dims=16, depths=(1, 1, 1, 1))
+    assert two.feature_info.reduction() == [8, 16] and len(two.model.stages) == 3  # stage 4 pruned
+
+
+def test_save_and_load_round_trip_through_timm(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kw = dict(backend="torch", dims=16, depths=(1, 1, 2, 1))
+    model = timm.create_model("vmamba2d_tiny", num_classes=4, **kw).eval()
+    path = tmp_path / "weights.pth"
+    torch.save(model.state_dict(), path)
+    x = torch.randn(2, 3, 32, 64)
+    with torch.no_grad():
+        want = model(x)
+        from_ckpt = timm.create_model("vmamba2d_tiny", num_classes=4, checkpoint_path=str(path), **kw).eval()
+        overlay = {"file": str(path), "num_classes": 4}
+        from_file = timm.create_model("vmamba2d_tiny", pretrained=True, num_classes=4,
+                                      pretrained_cfg_overlay=overlay, **kw).eval()
+        assert torch.equal(from_ckpt(x), want) and torch.equal(from_file(x), want)
+        # Fine-tuning to another class count keeps the backbone and starts a fresh head (timm's rule).
+        other = timm.create_model("vmamba2d_tiny", pretrained=True, num_classes=2,
+                                  pretrained_cfg_overlay=overlay, **kw).eval()
+        assert torch.equal(other.forward_features(x), model.forward_features(x))
+        assert other(x).shape == (2, 2)

@@ -22,8 +22,47 @@ def _opt(help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+class ConfigFile:
+    """YAML round trip for a configuration dataclass: ``save`` writes every field, ``load`` reads
+    a file (unknown keys are an error naming them; dashes in keys read as underscores)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        from mamba2d.train.checkpoint import write_text
+
+        return write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def _normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Convert shorthand values (e.g. "0,1,2") to the field types; a hook for subclasses."""
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config"):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        return cls(**cls._normalise(dict(values)))
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of option: value")
+        return cls.from_dict({k.replace("-", "_"): v for k, v in values.items()}, source=str(path))
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigFile):
     """Everything a training run depends on. Field metadata gives each flag's help text."""
 
     features: str = _opt("folder of feature bags (CLAM/TRIDENT .h5, or CLAM .pt with patches .h5)")
@@ -88,39 +127,13 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | Path) -> Path:
-        from mamba2d.train.checkpoint import write_text
-
-        return write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
-        values = dict(values)
+    def _normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(values.get("classes"), str):
             values["classes"] = [c.strip() for c in values["classes"].split(",") if c.strip()]
         if isinstance(values.get("seeds"), (int, str)):
             values["seeds"] = parse_seeds(str(values["seeds"]))
-        return cls(**values)
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from err
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of option: value")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in values.items()}, source=str(path))
+        return values
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -141,3 +154,88 @@ def parse_model_args(pairs: list[str]) -> dict[str, Any]:
         key, value = pair.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+@dataclass
+class VisionTrainConfig(ConfigFile):
+    """A `mamba2d vision-train` run: image classification or mosaic segmentation with a backbone
+    from timm's registry (the 2DVMamba builders included). Field metadata gives each flag's help."""
+
+    out: str = _opt("run directory to create (or resume)")
+    task: str = _opt("classification, or segmentation (UperNet head on the backbone's four maps)",
+                     default="classification", choices=("classification", "segmentation"))
+    data: str = _opt("'fashion-mnist' (built in; segmentation uses its mosaics) or, for classification, an "
+                     "ImageFolder root with train/ and val/ class subfolders", default="fashion-mnist")
+    model: str = _opt("backbone: vmamba2d_tiny, vmamba2d_small, vmamba1d_tiny, vmamba1d_small or any timm "
+                      "model", default="vmamba2d_tiny")
+    img_size: int | None = _opt("input side in pixels, a multiple of 32 (default: 32 for Fashion-MNIST "
+                                "classification, 64 for mosaics, 224 for folders)")
+    epochs: int = _opt("training epochs", default=10)
+    batch_size: int = _opt("images per step on each process", default=128)
+    opt: str = _opt("timm optimizer name", default="adamw")
+    lr: float = _opt("peak learning rate", default=1e-3)
+    min_lr: float = _opt("learning rate at the end of the cosine schedule", default=1e-5)
+    warmup_epochs: int = _opt("linear warm-up epochs", default=1)
+    warmup_lr: float = _opt("learning rate at the start of the warm-up", default=1e-6)
+    weight_decay: float = _opt("weight decay (not on norms, biases, A, D, dt bias)", default=0.05)
+    sched: str = _opt("timm scheduler name", default="cosine")
+    clip_grad: float | None = _opt("clip the gradient norm to this value")
+    drop_path: float | None = _opt("stochastic depth rate (default: the model's)")
+    smoothing: float = _opt("label smoothing", default=0.1)
+    mixup: float = _opt("mixup alpha (0: off)", default=0.0)
+    cutmix: float = _opt("cutmix alpha (0: off)", default=0.0)
+    aa: str | None = _opt("timm AutoAugment policy for RGB data, e.g. rand-m9-mstd0.5-inc1")
+    reprob: float = _opt("random erasing probability", default=0.0)
+    scale_min: float = _opt("smallest area fraction of the random resized crop", default=0.08)
+    hflip: float = _opt("horizontal flip probability", default=0.5)
+    color_jitter: float = _opt("colour jitter strength", default=0.4)
+    ema: bool = _opt("keep an exponential moving average of the weights and evaluate it too", default=False)
+    ema_decay: float = _opt("EMA decay per step", default=0.9998)
+    train_limit: int | None = _opt("use only the first N training images (or mosaics)")
+    val_limit: int | None = _opt("use only the first N validation images (or mosaics)")
+    mosaics: int = _opt("segmentation: training mosaics to draw (validation: a fifth as many)", default=10000)
+    head_channels: int = _opt("segmentation: width of the UperNet head", default=128)
+    seed: int = _opt("seed of every random draw", default=0)
+    workers: int = _opt("data-loading worker processes", default=4)
+    device: str = _opt("auto, cpu, cuda or cuda:N", default="auto")
+    precision: str = _opt("auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", default="auto",
+                          choices=("auto", "bf16", "fp32"))
+    model_args: dict[str, Any] = _opt("extra model keyword arguments (key=value flags)", default_factory=dict)
+    progress: bool = _opt("show progress bars", default=True)
+    stop_after_epochs: int | None = _opt("stop after this many epochs in this call (for testing --resume)",
+                                         hidden=True)
+
+    def check(self) -> VisionTrainConfig:
+        """Raise ValueError naming the first invalid field."""
+        if not self.out:
+            raise ValueError("--out is required")
+        if self.task not in ("classification", "segmentation"):
+            raise ValueError(f"task must be 'classification' or 'segmentation', got {self.task!r}")
+        if self.task == "segmentation" and self.data != "fashion-mnist":
+            raise ValueError("segmentation trains on the built-in Fashion-MNIST mosaics "
+                             "(--data fashion-mnist)")
+        if self.data != "fashion-mnist" and not Path(self.data, "train").is_dir():
+            raise ValueError(f"--data {self.data}: expected 'fashion-mnist' or a folder with train/ and val/ "
+                             f"class subfolders")
+        for name in ("epochs", "batch_size", "mosaics", "head_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
+            raise ValueError(f"img_size must be a positive multiple of 32, got {self.img_size}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ValueError(f"lr must be positive and min_lr non-negative, got {self.lr} and {self.min_lr}")
+        if not 0.0 < self.scale_min <= 1.0:
+            raise ValueError(f"scale_min must be in (0, 1], got {self.scale_min}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.batch_size % 2 and (self.mixup > 0 or self.cutmix > 0):
+            raise ValueError("mixup and cutmix need an even batch_size")
+        return self
+
+    def resolved_img_size(self) -> int:
+        if self.img_size is not None:
+            return self.img_size
+        if self.task == "segmentation":
+            return 64
+        return 32 if self.data == "fashion-mnist" else 224

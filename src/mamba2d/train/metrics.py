@@ -22,6 +22,8 @@ __all__ = [
     "concordance_index",
     "concordance_index_details",
     "format_mean_std",
+    "pixel_confusion",
+    "segmentation_metrics",
     "summarise",
     "survival_metrics",
 ]
@@ -358,3 +360,48 @@ def format_mean_std(mean: float, std: float, digits: int = 3) -> str:
     ``format_mean_std(0.9123, 0.0131)`` -> ``'0.912 ± 0.013'``; NaNs print as ``nan``.
     """
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def pixel_confusion(pred: Any, target: Any, num_classes: int, ignore_index: int | None = None) -> Any:
+    """(C, C) int64 counts of pixels, rows = true class, columns = predicted class.
+
+    ``pred``, ``target``: integer label maps of one shape (torch tensors, on any device; the result
+    is on the same device, so batches can be summed there and all-reduced). Pixels whose target is
+    ``ignore_index`` are left out; any other label outside 0..C-1 is an error.
+    """
+    import torch
+
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have one shape")
+    keep = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    t, p = target[keep].long(), pred[keep].long()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes or int(p.min()) < 0
+                      or int(p.max()) >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}")
+    return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(confusion: Any, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """mIoU, per-class IoU and pixel accuracy from a pixel confusion matrix (see :func:`pixel_confusion`).
+
+    IoU_c = TP / (TP + FP + FN). A class absent from both the truth and the predictions has no IoU
+    (None) and is left out of the mean, as in mmsegmentation.
+    """
+    cm = np.asarray(confusion.cpu() if hasattr(confusion, "cpu") else confusion, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
+        raise ValueError(f"confusion must be a square (C, C) matrix, got shape {cm.shape}")
+    if cm.sum() == 0:
+        raise ValueError("confusion holds no pixels")
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    names = [str(c) for c in class_names] if class_names is not None else [str(c) for c in range(len(tp))]
+    if len(names) != len(tp):
+        raise ValueError(f"class_names has {len(names)} names but confusion is {len(tp)} x {len(tp)}")
+    return {
+        "miou": float(np.nanmean(iou)),
+        "pixel_accuracy": float(tp.sum() / cm.sum()),
+        "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou, strict=True)},
+        "confusion_matrix": cm.astype(np.int64).tolist(),
+        "class_names": names,
+    }

@@ -24,6 +24,7 @@ from mamba2d.train.metrics import _as_real, _check_classification_inputs
 from mamba2d.train.survival_stats import kaplan_meier, logrank_test, number_at_risk
 
 __all__ = ["save_confusion_matrix", "save_km_by_risk", "save_roc_comparison", "save_roc_curves",
+           "save_segmentation_examples",
            "save_training_curves"]
 
 _DPI = 120
@@ -331,4 +332,42 @@ def save_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle("Training curves")
+    return _save_atomic(fig, path)
+
+
+def save_segmentation_examples(images: np.ndarray, truth: np.ndarray, pred: np.ndarray,
+                               class_names: Sequence[str], path: str | os.PathLike[str]) -> Path:
+    """A row per example: the greyscale image, the true label map and the predicted one, with a
+    legend of class colours; returns the written Path.
+
+    ``images``: (n, H, W) floats; ``truth``, ``pred``: (n, H, W) integer labels in
+    0..len(class_names) - 1 (0 drawn black, as the background).
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    images, truth, pred = np.asarray(images), np.asarray(truth), np.asarray(pred)
+    if images.ndim != 3 or truth.shape != images.shape or pred.shape != images.shape:
+        raise ValueError(f"images, truth and pred must be (n, H, W) of one shape, got {images.shape}, "
+                         f"{truth.shape} and {pred.shape}")
+    n_classes = len(class_names)
+    colours = [(0.0, 0.0, 0.0)] + [colormaps["tab10"](i % 10)[:3] for i in range(n_classes - 1)]
+    cmap = ListedColormap(colours)
+    n = images.shape[0]
+    fig = _new_figure(7.5, 2.3 * n + 0.8)
+    for row in range(n):
+        for col, (panel, title) in enumerate(((images[row], "image"), (truth[row], "truth"),
+                                              (pred[row], "prediction"))):
+            ax = fig.add_subplot(n, 3, row * 3 + col + 1)
+            if col == 0:
+                ax.imshow(panel, cmap="gray")
+            else:
+                ax.imshow(panel, cmap=cmap, vmin=-0.5, vmax=n_classes - 0.5, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title)
+    fig.legend(handles=[Patch(color=c, label=name) for c, name in zip(colours, class_names, strict=True)],
+               loc="lower center", ncol=min(n_classes, 6), fontsize="x-small")
     return _save_atomic(fig, path)

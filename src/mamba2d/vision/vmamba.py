@@ -179,24 +179,76 @@ class VMamba2D(nn.Module):
             raise ValueError(f"images must be (batch, C, H, W) with H and W multiples of 32, "
                              f"got {tuple(images.shape)}")
 
-    def forward_intermediates(self, images: torch.Tensor,
-                              indices: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
-        """Feature maps (batch, dims[i], H / 2**(i+2), W / 2**(i+2)) of the stages in ``indices``."""
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm's per-stage metadata: channels, stride and module name of each feature map."""
+        return [{"num_chs": self.dims[i], "reduction": 2 ** (i + 2), "module": f"stages.{i}"}
+                for i in range(len(self.stages))]
+
+    def _take_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        """Stage indices as timm reads them: None all, an int the last n, a sequence as given
+        (negative counts from the end)."""
+        n = len(self.stages)
+        if indices is None:
+            indices = n
+        if isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"indices={indices} asks for the last {indices} of {n} stages")
+            return list(range(n - indices, n))
+        taken = [i + n if i < 0 else i for i in indices]
+        if any(not 0 <= i < n for i in taken):
+            raise ValueError(f"stage indices {list(indices)} out of range for {n} stages")
+        return taken
+
+    def forward_intermediates(
+        self, images: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+        stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs at strides 4, 8, 16, 32, in timm's convention.
+
+        ``indices``: stages to return (None: all four; int n: the last n). Each map is
+        (batch, dims[i], H / 2**(i+2), W / 2**(i+2)) for ``output_fmt="NCHW"``, or channels-last
+        for ``"NHWC"``. ``norm`` applies the final LayerNorm to the last stage's map.
+        Returns the maps if ``intermediates_only``, else (final features as in
+        :meth:`forward_features`, maps); ``stop_early`` skips stages after the last one asked for.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         self._check(images)
-        x = self.stem(images)
-        out = []
-        last = max(indices, default=-1)
-        for i, stage in enumerate(self.stages[: last + 1]):  # later stages are not needed
-            x = stage(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            if i in indices:
-                out.append(x)
-            if i < last:
-                x = self.downsamples[i](x)
-        return out
+        take = self._take_indices(indices)
+        last = max(take) if (stop_early or intermediates_only) else len(self.stages) - 1
+        x = self.stem(images).permute(0, 2, 3, 1)  # channels-last inside the stages
+        maps = []
+        for i in range(last + 1):
+            if i > 0:
+                x = self.downsamples[i - 1](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            x = self.stages[i](x)
+            if i in take:
+                out = self.norm(x) if norm and i == len(self.stages) - 1 else x
+                maps.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
+        if intermediates_only:
+            return maps
+        return self.norm(x), maps
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last one in ``indices`` (and the head); timm's feature wrapper
+        calls this for ``features_only``. Returns the absolute indices."""
+        take = self._take_indices(indices)
+        last = max(take)
+        self.stages = self.stages[: last + 1]
+        self.downsamples = self.downsamples[:last]
+        if last < 3 or prune_norm:
+            self.norm = nn.Identity()
+        if last < 3:
+            self.num_features = self.dims[last]
+        if prune_head or last < 3:
+            self.reset_classifier(0)
+        return take
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(batch, H/32, W/32, dims[-1]) after the final LayerNorm."""
-        return self.norm(self.forward_intermediates(images, (3,))[0].permute(0, 2, 3, 1))
+        return self.forward_intermediates(images, indices=1, output_fmt="NHWC")[0]
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         pooled = features.mean(dim=(1, 2))
@@ -204,6 +256,22 @@ class VMamba2D(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh linear head for ``num_classes`` (0: none); pooling is always the mean."""
+        if global_pool not in (None, "", "avg"):
+            raise ValueError(f"only average pooling is supported, got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def no_weight_decay(self) -> set[str]:
+        """SSM parameters kept out of weight decay (A, D and the dt bias), as Mamba does; norms and
+        biases are excluded by the optimizer factories already."""
+        return {name for name, _ in self.named_parameters()
+                if name.rsplit(".", 1)[-1] in ("A_log", "D", "dt_bias")}
 
 
 def _build(scan: Literal["2d", "1d"], config_depths: Sequence[int], config_ssm_ratio: float,
