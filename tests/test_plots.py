@@ -163,3 +163,15 @@ def test_pyplot_is_not_imported(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["km.png", "roc.png"]
+
+
+def test_segmentation_examples_png_and_shape_errors(tmp_path):
+    from mamba2d.train.plots import save_segmentation_examples
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, (3, 32, 48))
+    path = save_segmentation_examples(rng.random((3, 32, 48)), truth, np.roll(truth, 1, axis=2),
+                                      ["background", "a", "b", "c"], tmp_path / "ex.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="one shape"):
+        save_segmentation_examples(rng.random((3, 32, 48)), truth[:2], truth, ["x"] * 4, tmp_path / "bad.png")

@@ -202,3 +202,8 @@ def test_save_and_load_round_trip_through_timm(tmp_path):
                                   pretrained_cfg_overlay=overlay, **kw).eval()
         assert torch.equal(other.forward_features(x), model.forward_features(x))
         assert other(x).shape == (2, 2)
+        # A segmentation backbone from the classifier's checkpoint: the same four maps.
+        feats = timm.create_model("vmamba2d_tiny", features_only=True, pretrained=True,
+                                  pretrained_cfg_overlay={"file": str(path)}, **kw).eval()
+        for got, want in zip(feats(x), model.forward_intermediates(x, intermediates_only=True), strict=True):
+            assert torch.equal(got, want)

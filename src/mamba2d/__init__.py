@@ -39,6 +39,12 @@ _LAZY = {
     "vmamba2d_small": "mamba2d.vision.vmamba",
     "vmamba1d_tiny": "mamba2d.vision.vmamba",
     "vmamba1d_small": "mamba2d.vision.vmamba",
+    "UperNet": "mamba2d.vision.segmentation",
+    "VisionSegmenter": "mamba2d.vision.segmentation",
+    "VisionTrainConfig": "mamba2d.train.config",
+    "run_vision_training": "mamba2d.train.vision",
+    "segmentation_metrics": "mamba2d.train.metrics",
+    "MosaicSegmentation": "mamba2d.data.mosaic",
 }
 
 
@@ -55,4 +61,6 @@ __all__ = [
     "nll_survival_loss", "patch_grid", "read_bag", "read_labels", "read_split_csv", "run_training",
     "selective_scan_2d", "run_demo", "open_slide", "tissue_mask", "plan_tiles", "build_encoder",
     "extract_slides", "VMamba2D", "vmamba2d_tiny", "vmamba2d_small", "vmamba1d_tiny", "vmamba1d_small",
+    "UperNet", "VisionSegmenter", "VisionTrainConfig", "run_vision_training", "segmentation_metrics",
+    "MosaicSegmentation",
 ]

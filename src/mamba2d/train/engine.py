@@ -22,7 +22,6 @@ an uninterrupted one.
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from mamba2d.train.config import TrainConfig
 from mamba2d.train.distributed import DistInfo, barrier, gather, init_distributed, shard, shutdown
 from mamba2d.train.losses import nll_survival_loss
 from mamba2d.train.metrics import classification_metrics, summarise, survival_metrics
+from mamba2d.train.runtime import bf16_autocast, progress_bar
 
 # Models with their own auxiliary loss, and how it is weighted against the task loss
 # (task weight, aux weight): CLAM's 0.7 / 0.3, DTFD-MIL's tier-1 + tier-2 sum.
@@ -120,10 +120,7 @@ def _n_outputs(cfg: TrainConfig, table: LabelTable) -> int:
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
-    if cfg.precision == "bf16" and device.type != "cuda":
-        warnings.warn("bf16 autocast is used on GPU only; running in fp32 on the CPU", stacklevel=2)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    return bf16_autocast(cfg.precision, device)
 
 
 def _slide_loss(cfg: TrainConfig, model: nn.Module, out, frame: pd.DataFrame, row: int) -> torch.Tensor:
@@ -270,7 +267,7 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     show = cfg.progress and info.is_main
-    epochs = _progress(range(state["epoch"] + 1, cfg.epochs), show, f"fold {fold} seed {seed}",
+    epochs = progress_bar(range(state["epoch"] + 1, cfg.epochs), show, f"fold {fold} seed {seed}",
                        initial=state["epoch"] + 1, total=cfg.epochs)
     stopped_early = False
     for epoch in epochs:
@@ -284,7 +281,7 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
         net.train()
         running, step = 0.0, 0
         optimizer.zero_grad(set_to_none=True)
-        slides = _progress(order, show, f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="slide")
+        slides = progress_bar(order, show, f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="slide")
         for i, row in enumerate(slides):
             wants_label = cfg.model in AUX_WEIGHTS and cfg.task == "classification"
             label = int(frame["label"].iat[row]) if wants_label else None
@@ -383,12 +380,6 @@ def _plots(table: LabelTable, pred: pd.DataFrame, metrics: dict[str, Any], out_d
                                   cases["risk"].to_numpy(), out_dir / f"km_{part}.png")
     except ValueError as err:  # e.g. one class only in a tiny part: the metrics are still written
         warnings.warn(f"{out_dir.name}: no {part} plot ({err})", stacklevel=2)
-
-
-def _progress(it, show: bool, desc: str, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, disable=not show, file=sys.stderr, dynamic_ncols=True, **kw)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -355,7 +355,10 @@ def save_segmentation_examples(images: np.ndarray, truth: np.ndarray, pred: np.n
     colours = [(0.0, 0.0, 0.0)] + [colormaps["tab10"](i % 10)[:3] for i in range(n_classes - 1)]
     cmap = ListedColormap(colours)
     n = images.shape[0]
-    fig = _new_figure(7.5, 2.3 * n + 0.8)
+    height = 2.3 * n + 0.9
+    fig = _new_figure(7.5, height)
+    # Room at the bottom for the legend, little elsewhere.
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.35 / height, bottom=0.75 / height, hspace=0.12)
     for row in range(n):
         for col, (panel, title) in enumerate(((images[row], "image"), (truth[row], "truth"),
                                               (pred[row], "prediction"))):

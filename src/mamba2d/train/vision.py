@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from mamba2d.train.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
 from mamba2d.train.config import VisionTrainConfig
 from mamba2d.train.distributed import DistInfo, init_distributed, shutdown
+from mamba2d.train.runtime import bf16_autocast, progress_bar
 
 __all__ = ["run_vision_training"]
 
@@ -72,14 +73,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _autocast(cfg: VisionTrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=device.type == "cuda" and cfg.precision in ("auto", "bf16"))
-
-
-def _progress(it, show: bool, desc: str, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, disable=not show, file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
+    return bf16_autocast(cfg.precision, device)
 
 
 # ----------------------------------------------------------------------------- data
@@ -168,7 +162,8 @@ def _train_epoch(cfg: VisionTrainConfig, model: nn.Module, loader: DataLoader, o
                  loss_fn, mixup, ema, state: dict[str, Any], info: DistInfo, epoch: int) -> float:
     model.train()
     total, count = torch.zeros((), device=info.device), 0
-    for images, targets in _progress(loader, cfg.progress and info.is_main, f"epoch {epoch + 1} train"):
+    bar = progress_bar(loader, cfg.progress and info.is_main, f"epoch {epoch + 1} train", leave=False)
+    for images, targets in bar:
         images = images.to(info.device, non_blocking=True)
         targets = targets.to(info.device, non_blocking=True)
         if mixup is not None:
@@ -211,7 +206,7 @@ def _evaluate(cfg: VisionTrainConfig, model: nn.Module, loader: DataLoader, n_cl
     top5 = torch.zeros((), device=info.device, dtype=torch.float64)
     confusion = torch.zeros(n_classes, n_classes, device=info.device, dtype=torch.long)
     n = torch.zeros((), device=info.device, dtype=torch.float64)
-    for images, targets in _progress(loader, cfg.progress and info.is_main, "validate"):
+    for images, targets in progress_bar(loader, cfg.progress and info.is_main, "validate", leave=False):
         images, targets = images.to(info.device), targets.to(info.device)
         with _autocast(cfg, info.device):
             out = model(images).float()
