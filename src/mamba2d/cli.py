@@ -17,7 +17,8 @@ DESCRIPTION = """\
 2DMamba: 2D selective state-space scans for whole-slide images and vision.
 
 Train and compare multiple-instance models (2DMambaMIL and its baselines) on
-patch-feature bags from CLAM or TRIDENT, for slide classification and survival.
+patch-feature bags from CLAM or TRIDENT, for slide classification and survival;
+train the 2DVMamba vision backbone for image classification and segmentation.
 """
 
 EPILOG = """\

@@ -1,6 +1,7 @@
 """Vision backbone built on the 2D scan for natural images: 2DVMamba and its 1D cross-scan twin.
 
-Builders: ``vmamba2d_tiny``, ``vmamba2d_small``, ``vmamba1d_tiny``, ``vmamba1d_small``. When timm
+Builders: ``vmamba2d_tiny``, ``vmamba2d_small``, ``vmamba2d_base`` and their 1D twins
+``vmamba1d_tiny``, ``vmamba1d_small``, ``vmamba1d_base``. When timm
 is installed, importing this package also registers them in timm's model registry
 (:mod:`mamba2d.vision.registry`). ``UperNet`` is a segmentation head on the backbone's four
 feature maps.
@@ -12,8 +13,10 @@ from mamba2d.vision.vmamba import (
     SS2D,
     VMamba2D,
     VSSBlock,
+    vmamba1d_base,
     vmamba1d_small,
     vmamba1d_tiny,
+    vmamba2d_base,
     vmamba2d_small,
     vmamba2d_tiny,
 )
@@ -21,4 +24,5 @@ from mamba2d.vision.vmamba import (
 TIMM_REGISTERED = register_with_timm()
 
 __all__ = ["BUILDERS", "SS2D", "TIMM_REGISTERED", "UperNet", "VMamba2D", "VSSBlock", "VisionSegmenter",
-           "vmamba1d_small", "vmamba1d_tiny", "vmamba2d_small", "vmamba2d_tiny"]
+           "vmamba1d_base", "vmamba1d_small", "vmamba1d_tiny", "vmamba2d_base", "vmamba2d_small",
+           "vmamba2d_tiny"]

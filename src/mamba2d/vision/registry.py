@@ -13,10 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mamba2d.vision.vmamba import VMamba2D, vmamba1d_small, vmamba1d_tiny, vmamba2d_small, vmamba2d_tiny
+from mamba2d.vision.vmamba import (
+    VMamba2D,
+    vmamba1d_base,
+    vmamba1d_small,
+    vmamba1d_tiny,
+    vmamba2d_base,
+    vmamba2d_small,
+    vmamba2d_tiny,
+)
 
 BUILDERS: dict[str, Callable[..., VMamba2D]] = {
-    f.__name__: f for f in (vmamba2d_tiny, vmamba2d_small, vmamba1d_tiny, vmamba1d_small)}
+    f.__name__: f for f in (vmamba2d_tiny, vmamba2d_small, vmamba2d_base, vmamba1d_tiny, vmamba1d_small,
+                            vmamba1d_base)}
 
 # Filled by register_with_timm; timm's register_model reads the pretrained configs from the
 # ``default_cfgs`` attribute of the module that defines each entry point.
@@ -58,7 +67,7 @@ def _entry_point(name: str, builder: Callable[..., VMamba2D]) -> Callable[..., V
 
 
 def register_with_timm() -> bool:
-    """Register the four builders in timm's registry; False (and nothing done) without timm."""
+    """Register the builders in timm's registry; False (and nothing done) without timm."""
     try:
         from timm.models import generate_default_cfgs, register_model
     except Exception:  # timm absent, or unusable without a matching torchvision

@@ -26,8 +26,8 @@ from torch import nn
 from mamba2d.nn.mamba2d import mamba_dt_bias
 from mamba2d.ops import selective_scan_2d
 
-__all__ = ["SS2D", "VMamba2D", "VSSBlock", "vmamba1d_small", "vmamba1d_tiny", "vmamba2d_small",
-           "vmamba2d_tiny"]
+__all__ = ["SS2D", "VMamba2D", "VSSBlock", "vmamba1d_base", "vmamba1d_small", "vmamba1d_tiny",
+           "vmamba2d_base", "vmamba2d_small", "vmamba2d_tiny"]
 
 # (flip_h, flip_v, transpose) of the four 2D directions: top-left horizontal-first, top-left
 # vertical-first, bottom-right horizontal-first, bottom-right vertical-first.
@@ -275,9 +275,9 @@ class VMamba2D(nn.Module):
 
 
 def _build(scan: Literal["2d", "1d"], config_depths: Sequence[int], config_ssm_ratio: float,
-           config_drop_path: float, **kwargs) -> VMamba2D:
+           config_drop_path: float, config_dims: int = 96, **kwargs) -> VMamba2D:
     """A config's defaults, overridden by any :class:`VMamba2D` argument in ``kwargs``."""
-    config = {"depths": config_depths, "dims": 96, "d_state": 1, "ssm_ratio": config_ssm_ratio,
+    config = {"depths": config_depths, "dims": config_dims, "d_state": 1, "ssm_ratio": config_ssm_ratio,
               "drop_path_rate": config_drop_path}
     return VMamba2D(scan=scan, **{**config, **kwargs})
 
@@ -292,6 +292,12 @@ def vmamba2d_small(**kwargs) -> VMamba2D:
     return _build("2d", (2, 2, 15, 2), 2.0, 0.3, **kwargs)
 
 
+def vmamba2d_base(**kwargs) -> VMamba2D:
+    """2DVMamba-B: dims 128, depths [2, 2, 15, 2], d_state 1, ssm_ratio 2.0, drop path 0.6 (VMamba-B's
+    configuration with the 2D scan)."""
+    return _build("2d", (2, 2, 15, 2), 2.0, 0.6, 128, **kwargs)
+
+
 def vmamba1d_tiny(**kwargs) -> VMamba2D:
     """The 1D cross-scan twin of :func:`vmamba2d_tiny` (VMamba-T's scan, same parameters)."""
     return _build("1d", (2, 2, 8, 2), 1.0, 0.2, **kwargs)
@@ -300,3 +306,8 @@ def vmamba1d_tiny(**kwargs) -> VMamba2D:
 def vmamba1d_small(**kwargs) -> VMamba2D:
     """The 1D cross-scan twin of :func:`vmamba2d_small`."""
     return _build("1d", (2, 2, 15, 2), 2.0, 0.3, **kwargs)
+
+
+def vmamba1d_base(**kwargs) -> VMamba2D:
+    """The 1D cross-scan twin of :func:`vmamba2d_base` (VMamba-B's scan)."""
+    return _build("1d", (2, 2, 15, 2), 2.0, 0.6, 128, **kwargs)
