@@ -208,3 +208,33 @@ def test_save_and_load_round_trip_through_timm(tmp_path):
                                   pretrained_cfg_overlay={"file": str(path)}, **kw).eval()
         for got, want in zip(feats(x), model.forward_intermediates(x, intermediates_only=True), strict=True):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scan", ["2d", "1d"])
+def test_ss2d_triton_path_matches_the_float64_reference(scan, monkeypatch):
+    # The layer's GPU path (the Triton kernels with every direction's layout flags), run by Triton's
+    # CPU interpreter when there is no GPU (conftest sets TRITON_INTERPRET=1); outputs poisoned with
+    # NaN before launch, so an unwritten element fails the comparison.
+    pytest.importorskip("triton")
+    from mamba2d.ops import scan_triton
+
+    monkeypatch.setattr(scan_triton, "POISON_OUTPUTS", True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(3)
+    layer = SS2D(8, d_state=2, scan=scan, backend="triton").to(device)
+    ref = SS2D(8, d_state=2, scan=scan, backend="reference").to(device).double()
+    with torch.no_grad():
+        layer.D.uniform_(0.5, 1.5)
+        layer.A_log.add_(torch.rand_like(layer.A_log))
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 3, 5, 8, device=device)
+    xt, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    yt, yr = layer(xt), ref(xr)
+    g = torch.randn_like(yr)
+    yt.backward(g.float())
+    yr.backward(g)
+    assert (yt.double() - yr).abs().max() / yr.abs().max() < 1e-4
+    assert (xt.grad.double() - xr.grad).abs().max() / xr.grad.abs().max() < 1e-4
+    for (name, p), q in zip(layer.named_parameters(), ref.parameters(), strict=True):
+        err = (p.grad.double() - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30)
+        assert err < 1e-3, name
