@@ -242,9 +242,12 @@ _METAVARS = {"features": "DIR", "labels": "CSV", "splits": "CSV|DIR", "out": "RU
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, tuple[str, ...]],
-                      names_seen: set[str], choices: dict[str, list[str]] | None = None) -> None:
-    """One flag per field of the config dataclass ``cls``, in argument groups, with the field's help
-    and default; flags default to None so that only given ones override a --config file."""
+                      names_seen: set[str], choices: dict[str, list[str]] | None = None,
+                      model_arg_example: str = "") -> None:
+    """The flags of a training command: one per field of the config dataclass ``cls``, in argument
+    groups, with the field's help and default (flags default to None so that only given ones
+    override a --config file); --model-arg in the "model" group; --config, --resume,
+    --no-progress and the hidden --stop-after-epochs."""
     import dataclasses
 
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -269,6 +272,18 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[s
                 options = (choices or {}).get(name, f.metadata.get("choices"))
                 group.add_argument(flag, type=types.get(str(f.type), str), choices=options,
                                    metavar=_METAVARS.get(name), **kw)
+        if title == "model":
+            example = f" (e.g. --model-arg {model_arg_example})" if model_arg_example else ""
+            group.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                               help="model keyword argument, repeatable" + example)
+    names_seen.add("stop_after_epochs")
+    parser.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="YAML", help="read options from a YAML file (flags override it)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # ArgumentDefaultsHelpFormatter would print "(default: None)" for every flag; the help strings
+    # carry the real defaults instead.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def _add_train_parser(sub) -> None:
@@ -299,21 +314,11 @@ def _add_train_parser(sub) -> None:
     }
     from mamba2d.mil import MODELS
 
-    _add_config_flags(train, TrainConfig, groups, _TRAIN_FIELDS, {"model": sorted(MODELS)})
+    _add_config_flags(train, TrainConfig, groups, _TRAIN_FIELDS, {"model": sorted(MODELS)}, "d_model=256")
     optimisation = next(g for g in train._action_groups if g.title == "optimisation")
     optimisation.add_argument("--seed", type=int, default=None, help="one seed (shorthand for --seeds S)")
     model = next(g for g in train._action_groups if g.title == "model")
-    model.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                       help="model keyword argument, repeatable (e.g. --model-arg d_model=256)")
     model.add_argument("--list-models", action="store_true", help="print the model names and exit")
-    _TRAIN_FIELDS.add("stop_after_epochs")
-    train.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
-    train.add_argument("--config", metavar="YAML", help="read options from a YAML file (flags override it)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # ArgumentDefaultsHelpFormatter would print "(default: None)" for every flag; the help strings
-    # carry the real defaults instead.
-    train.formatter_class = argparse.RawDescriptionHelpFormatter
     train.set_defaults(func=_train)
 
 
@@ -371,15 +376,7 @@ def _add_vision_train_parser(sub) -> None:
         "hardware": ("device", "precision"),
         "output": ("out",),
     }
-    _add_config_flags(vt, VisionTrainConfig, groups, _VISION_FIELDS)
-    model = next(g for g in vt._action_groups if g.title == "model")
-    model.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                       help="model keyword argument, repeatable (e.g. --model-arg backend=torch)")
-    _VISION_FIELDS.add("stop_after_epochs")
-    vt.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)
-    vt.add_argument("--config", metavar="YAML", help="read options from a YAML file (flags override it)")
-    vt.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    vt.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_flags(vt, VisionTrainConfig, groups, _VISION_FIELDS, model_arg_example="backend=torch")
     vt.set_defaults(func=_vision_train)
 
 

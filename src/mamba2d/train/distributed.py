@@ -9,7 +9,8 @@ process and every helper is a no-op.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -92,3 +93,13 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_session(preference: str = "auto") -> Iterator[DistInfo]:
+    """:func:`init_distributed` on entry and :func:`shutdown` on exit, however the block ends."""
+    info = init_distributed(preference)
+    try:
+        yield info
+    finally:
+        shutdown(info)

@@ -49,7 +49,7 @@ from mamba2d.mil import build_model
 from mamba2d.train import plots
 from mamba2d.train.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
 from mamba2d.train.config import TrainConfig
-from mamba2d.train.distributed import DistInfo, barrier, gather, init_distributed, shard, shutdown
+from mamba2d.train.distributed import DistInfo, barrier, distributed_session, gather, shard
 from mamba2d.train.losses import nll_survival_loss
 from mamba2d.train.metrics import classification_metrics, summarise, survival_metrics
 from mamba2d.train.runtime import bf16_autocast, progress_bar
@@ -389,11 +389,8 @@ def _plots(table: LabelTable, pred: pd.DataFrame, metrics: dict[str, Any], out_d
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train every fold and seed of ``cfg``; returns (and writes) the run's metrics."""
     cfg.check()
-    info = init_distributed(cfg.device)
-    try:
+    with distributed_session(cfg.device) as info:
         return _run(cfg, info)
-    finally:
-        shutdown(info)
 
 
 def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mamba2d.train.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
 from mamba2d.train.config import VisionTrainConfig
-from mamba2d.train.distributed import DistInfo, init_distributed, shutdown
+from mamba2d.train.distributed import DistInfo, distributed_session
 from mamba2d.train.runtime import bf16_autocast, progress_bar
 
 __all__ = ["run_vision_training"]
@@ -246,11 +246,8 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 def run_vision_training(cfg: VisionTrainConfig) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns and writes its metrics."""
-    info = init_distributed(cfg.device)
-    try:
+    with distributed_session(cfg.device) as info:
         return _run(cfg, info)
-    finally:
-        shutdown(info)
 
 
 def _run(cfg: VisionTrainConfig, info: DistInfo) -> dict[str, Any]:
