@@ -125,8 +125,13 @@ def _segmentation_data(cfg: VisionTrainConfig) -> tuple[Dataset, Dataset, list[s
 
 
 def _loader(data: Dataset, cfg: VisionTrainConfig, info: DistInfo, train: bool) -> DataLoader:
-    sampler = DistributedSampler(data, info.world, info.rank, shuffle=train, seed=cfg.seed,
-                                 drop_last=train) if info.enabled else None
+    sampler = None
+    if info.enabled and train:
+        sampler = DistributedSampler(data, info.world, info.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    elif info.enabled:
+        # Every validation sample exactly once over all ranks (DistributedSampler would pad with
+        # repeats to equal shares, and the summed counts would include them).
+        data = torch.utils.data.Subset(data, range(info.rank, len(data), info.world))
     return DataLoader(data, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=cfg.workers, drop_last=train, pin_memory=info.device.type == "cuda",
                       persistent_workers=cfg.workers > 0)
@@ -246,6 +251,7 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 def run_vision_training(cfg: VisionTrainConfig) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns and writes its metrics."""
+    cfg.check()
     with distributed_session(cfg.device) as info:
         return _run(cfg, info)
 
