@@ -83,17 +83,7 @@ def test_segmentation_on_mosaics(tmp_path):
 
 @needs_fmnist
 def test_image_folder_classification(tmp_path):
-    from PIL import Image
-
-    from mamba2d.data.images import load_fashion_mnist
-
-    images, labels = load_fashion_mnist(split="test")
-    for part, rows in (("train", range(0, 400)), ("val", range(400, 600))):
-        for i in rows:
-            if labels[i] in (1, 8):  # trousers and bags, as RGB PNG files
-                folder = tmp_path / "data" / part / ("trouser" if labels[i] == 1 else "bag")
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(images[i]).convert("RGB").save(folder / f"{i}.png")
+    _folder_of_real_images(tmp_path / "data")
     out = tmp_path / "run"
     assert main(["vision-train", "--data", str(tmp_path / "data"), "--out", str(out), "--img-size", "32",
                  "--batch-size", "16", "--epochs", "1", *SMALL]) == 0
@@ -139,3 +129,43 @@ def test_unknown_model_is_named(tmp_path, capsys):
     assert main(["vision-train", "--out", str(tmp_path / "m"), "--model", "no_such_net",
                  "--train-limit", "32", "--workers", "0", "--no-progress"]) == 2
     assert "no_such_net" in capsys.readouterr().err
+
+
+def _folder_of_real_images(root: Path, corrupt: str | None = None) -> None:
+    """Fashion-MNIST trousers and bags as RGB PNG files in ROOT/{train,val}/{trouser,bag}/."""
+    from PIL import Image
+
+    from mamba2d.data.images import load_fashion_mnist
+
+    images, labels = load_fashion_mnist(split="test")
+    for part, rows in (("train", range(0, 200)), ("val", range(200, 300))):
+        for i in rows:
+            if labels[i] in (1, 8):
+                folder = root / part / ("trouser" if labels[i] == 1 else "bag")
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[i]).convert("RGB").save(folder / f"{i}.png")
+    if corrupt:
+        (root / "train" / "bag" / corrupt).write_bytes(b"not a png at all")
+
+
+@needs_fmnist
+def test_a_corrupt_image_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    _folder_of_real_images(tmp_path / "data", corrupt="broken.png")
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert main(["vision-train", "--data", str(tmp_path / "data"), "--out", str(out), "--img-size", "32",
+                     "--batch-size", "8", "--epochs", "1", *SMALL]) == 0
+    assert "broken.png" in caplog.text
+
+
+def test_folder_without_val_and_missing_fashion_mnist_are_named(tmp_path, capsys, monkeypatch):
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    assert main(["vision-train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r1"),
+                 *SMALL]) == 2
+    assert "no val/" in capsys.readouterr().err
+    from mamba2d.data import images
+
+    monkeypatch.setattr(images, "DEFAULT_FMNIST_DIR", tmp_path / "absent")
+    monkeypatch.delenv("MAMBA2D_FMNIST_DIR", raising=False)
+    assert main(["vision-train", "--out", str(tmp_path / "r2"), *SMALL]) == 2
+    assert "Fashion-MNIST not found" in capsys.readouterr().err
