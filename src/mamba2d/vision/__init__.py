@@ -7,9 +7,10 @@ is installed, importing this package also registers them in timm's model registr
 feature maps.
 """
 
-from mamba2d.vision.registry import BUILDERS, register_with_timm
+from mamba2d.vision.registry import register_with_timm
 from mamba2d.vision.segmentation import UperNet, VisionSegmenter
 from mamba2d.vision.vmamba import (
+    BUILDERS,
     SS2D,
     VMamba2D,
     VSSBlock,

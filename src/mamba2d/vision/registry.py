@@ -13,19 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mamba2d.vision.vmamba import (
-    VMamba2D,
-    vmamba1d_base,
-    vmamba1d_small,
-    vmamba1d_tiny,
-    vmamba2d_base,
-    vmamba2d_small,
-    vmamba2d_tiny,
-)
-
-BUILDERS: dict[str, Callable[..., VMamba2D]] = {
-    f.__name__: f for f in (vmamba2d_tiny, vmamba2d_small, vmamba2d_base, vmamba1d_tiny, vmamba1d_small,
-                            vmamba1d_base)}
+from mamba2d.vision.vmamba import BUILDERS, VMamba2D
 
 # Filled by register_with_timm; timm's register_model reads the pretrained configs from the
 # ``default_cfgs`` attribute of the module that defines each entry point.

@@ -26,7 +26,7 @@ from torch import nn
 from mamba2d.nn.mamba2d import mamba_dt_bias
 from mamba2d.ops import selective_scan_2d
 
-__all__ = ["SS2D", "VMamba2D", "VSSBlock", "vmamba1d_base", "vmamba1d_small", "vmamba1d_tiny",
+__all__ = ["BUILDERS", "SS2D", "VMamba2D", "VSSBlock", "vmamba1d_base", "vmamba1d_small", "vmamba1d_tiny",
            "vmamba2d_base", "vmamba2d_small", "vmamba2d_tiny"]
 
 # (flip_h, flip_v, transpose) of the four 2D directions: top-left horizontal-first, top-left
@@ -311,3 +311,8 @@ def vmamba1d_small(**kwargs) -> VMamba2D:
 def vmamba1d_base(**kwargs) -> VMamba2D:
     """The 1D cross-scan twin of :func:`vmamba2d_base` (VMamba-B's scan)."""
     return _build("1d", (2, 2, 15, 2), 2.0, 0.6, 128, **kwargs)
+
+
+# Every builder by name: timm registers these, and the tests build each one.
+BUILDERS = {f.__name__: f for f in (vmamba2d_tiny, vmamba2d_small, vmamba2d_base,
+                                    vmamba1d_tiny, vmamba1d_small, vmamba1d_base)}
