@@ -306,7 +306,7 @@ def _add_train_parser(sub) -> None:
                    "case_col", "cache", "skip_bad"),
         "splits": ("splits", "folds", "val_fraction"),
         "model": ("model",),
-        "optimisation": ("epochs", "lr", "weight_decay", "seeds", "accumulate", "clip_grad",
+        "optimisation": ("epochs", "optimizer", "lr", "weight_decay", "seeds", "accumulate", "clip_grad",
                          "balanced_sampling",
                          "early_stopping", "n_bins", "alpha_surv"),
         "hardware": ("device", "precision"),

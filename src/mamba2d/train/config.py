@@ -75,8 +75,10 @@ class TrainConfig(ConfigFile):
     folds: int | None = _opt("generate stratified case-level K-fold splits (saved in the run directory)")
     val_fraction: float = _opt("fraction of the non-test cases kept for validation with --folds", default=0.1)
     epochs: int = _opt("training epochs", default=20)
-    lr: float = _opt("AdamW learning rate (cosine schedule to 0)", default=1e-4)
-    weight_decay: float = _opt("AdamW weight decay", default=1e-5)
+    optimizer: str = _opt("adamw, or sgd (momentum 0.9, as CLAM's --opt sgd)", default="adamw",
+                          choices=("adamw", "sgd"))
+    lr: float = _opt("peak learning rate (cosine schedule to 0)", default=1e-4)
+    weight_decay: float = _opt("weight decay", default=1e-5)
     seeds: list[int] = _opt("seeds to repeat each fold with, e.g. 0,1,2", default_factory=lambda: [0])
     accumulate: int = _opt("slides per optimizer step (gradient accumulation)", default=1)
     clip_grad: float | None = _opt("clip the gradient norm to this value before each step")
@@ -125,6 +127,8 @@ class TrainConfig(ConfigFile):
             raise ValueError(f"clip_grad must be positive, got {self.clip_grad}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         return self
 
     @classmethod

@@ -225,6 +225,13 @@ def rebuild_model(card: dict[str, Any], device: torch.device | str = "cpu") -> n
     return model.to(device).eval()
 
 
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (the default, as 2DMamba and MambaMIL), or SGD with momentum 0.9 (CLAM's ``--opt sgd``)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _is_better(value: float, best: float) -> bool:
     return not math.isnan(value) and value > best
 
@@ -251,7 +258,7 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
     torch.manual_seed(_seed(seed, fold))
     model = build_model(cfg.model, in_dim=data.bags.feature_dim, n_classes=_n_outputs(cfg, table),
                         task=cfg.task, **cfg.model_args).to(info.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(shard(rows["train"], info, equal=True)) / cfg.accumulate)
     total_steps = max(1, cfg.epochs * steps_per_epoch)
 
