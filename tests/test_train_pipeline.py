@@ -268,7 +268,7 @@ def test_one_class_in_training_fold(cohort, capsys):
 
 def test_existing_run_needs_resume(cohort, capsys):
     assert _train(cohort, cohort / "r", "--folds", "2", "--epochs", "1", "--model", "meanmil") == 0
-    _expect_error(capsys, cohort, cohort / "r", "--resume")
+    _expect_error(capsys, cohort, cohort / "r", "--resume", "--lr", "1e-3")
 
 
 def test_bad_flags_are_named(cohort, capsys):

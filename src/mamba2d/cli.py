@@ -134,31 +134,24 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _resolve_config(cls, args: argparse.Namespace, given: dict):
-    """The run's configuration: defaults < --config file < flags; with --resume, the run's own
-    config.yaml, of which only the device, progress bars and the test stop may change."""
-    out = Path(given["out"]) if "out" in given else None
+    """The run's configuration: defaults < --config file < flags. With --resume, the run's own
+    config.yaml with the given flags applied; the training function then refuses any flag that
+    contradicts the saved run (only the device, progress output and the test stop may change)."""
     if args.resume:
+        out = Path(given["out"]) if "out" in given else None
         if out is None or not (out / "config.yaml").is_file():
             raise ValueError(f"--resume needs --out RUN_DIR of an earlier run (no {out}/config.yaml)")
         cfg = cls.load(out / "config.yaml")
-        for key in ("device", "progress", "stop_after_epochs"):  # may differ between calls
-            if key in given:
-                setattr(cfg, key, given[key])
-            elif key == "stop_after_epochs":
-                cfg.stop_after_epochs = None
-        return cfg
-    cfg = cls.load(args.config) if args.config else cls()
+        cfg.stop_after_epochs = None
+    else:
+        cfg = cls.load(args.config) if args.config else cls()
     for key, value in given.items():
         setattr(cfg, key, value)
-    cfg.check()
-    if (Path(cfg.out) / "config.yaml").is_file():
-        raise ValueError(f"{cfg.out} already holds a run; pass --resume to continue it, or choose "
-                         f"another --out")
-    return cfg
+    return cfg.check()
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mamba2d.train.config import TrainConfig, parse_model_args, parse_seeds
+    from mamba2d.train.config import TrainConfig, parse_classes, parse_model_args, parse_seeds
     from mamba2d.train.engine import run_training
 
     if args.list_models:
@@ -170,7 +163,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         given["seeds"] = [args.seed]
     if isinstance(given.get("classes"), str):
-        given["classes"] = [c.strip() for c in given["classes"].split(",") if c.strip()]
+        given["classes"] = parse_classes(given["classes"])
     if isinstance(given.get("seeds"), str):
         given["seeds"] = parse_seeds(given["seeds"])
     if args.model_arg:
@@ -178,7 +171,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_progress:
         given["progress"] = False
     cfg = _resolve_config(TrainConfig, args, given)
-    result = run_training(cfg)
+    result = run_training(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     if result.get("interrupted"):
@@ -210,8 +203,10 @@ def _compare(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         from mamba2d.train.checkpoint import write_text
+        from mamba2d.train.rundir import refuse_existing_file
 
         out = Path(args.out)
+        refuse_existing_file(out)
         write_text(out, table.to_csv(index=False) if out.suffix == ".csv" else text + "\n")
     return 0
 
@@ -233,7 +228,8 @@ _METAVARS = {"features": "DIR", "labels": "CSV", "splits": "CSV|DIR", "out": "RU
              "epochs": "N", "lr": "LR", "weight_decay": "WD", "accumulate": "N", "early_stopping": "EPOCHS",
              "patch_size": "PIXELS", "n_bins": "N", "alpha_surv": "ALPHA", "val_fraction": "FRACTION",
              "device": "DEVICE", "label_col": "COLUMN", "slide_col": "COLUMN", "case_col": "COLUMN",
-             "model": "NAME", "classes": "A,B", "clip_grad": "NORM", "data": "fashion-mnist|DIR",
+             "model": "NAME", "classes": "A,B|FILE", "patches_dir": "DIR",
+             "max_grid_cells": "N", "clip_grad": "NORM", "data": "fashion-mnist|DIR",
              "img_size": "PIXELS", "train_limit": "N", "val_limit": "N", "mosaics": "N", "workers": "N",
              "drop_path": "RATE", "head_channels": "N", "batch_size": "N", "opt": "NAME", "min_lr": "LR",
              "warmup_epochs": "N", "warmup_lr": "LR", "sched": "NAME", "ema_decay": "DECAY", "seed": "S",
@@ -302,15 +298,15 @@ def _add_train_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     groups = {
-        "inputs": ("features", "labels", "task", "patch_size", "label_col", "classes", "slide_col",
-                   "case_col", "cache", "skip_bad"),
+        "inputs": ("features", "labels", "task", "patch_size", "patches_dir", "label_col", "classes",
+                   "slide_col", "case_col", "cache", "skip_bad", "grid_snap", "max_grid_cells"),
         "splits": ("splits", "folds", "val_fraction"),
         "model": ("model",),
         "optimisation": ("epochs", "optimizer", "lr", "weight_decay", "seeds", "accumulate", "clip_grad",
                          "balanced_sampling",
                          "early_stopping", "n_bins", "alpha_surv"),
         "hardware": ("device", "precision"),
-        "output": ("out",),
+        "output": ("out", "tensorboard"),
     }
     from mamba2d.mil import MODELS
 
@@ -332,7 +328,7 @@ def _vision_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         given["progress"] = False
     cfg = _resolve_config(VisionTrainConfig, args, given)
-    result = run_vision_training(cfg)
+    result = run_vision_training(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if result.get("interrupted"):

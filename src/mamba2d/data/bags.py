@@ -2,12 +2,14 @@
 
 Accepted layouts (see ``docs/data-formats.md``):
 
-* CLAM ``h5_files/<slide>.h5``: datasets ``features`` (N, D) (or (1, N, D)) and ``coords`` (N, 2);
-  ``coords`` carries ``patch_size``, ``patch_level`` and ``downsample`` (per level (dx, dy)).
+* CLAM ``h5_files/<slide>.h5`` (``extract_features_fp.py``): datasets ``features`` (N, D) and
+  ``coords`` (N, 2) with no attributes; the patch size comes from the patches h5 that
+  ``create_patches_fp.py`` wrote (``patches/<slide>.h5``, whose ``coords`` carries ``patch_size``,
+  ``patch_level`` and ``downsample``), found beside the features folder or given as a folder.
 * TRIDENT ``features_<encoder>/<slide>.h5``: the same datasets; ``coords`` carries
-  ``patch_size_level0`` directly.
-* CLAM ``pt_files/<slide>.pt`` (an (N, D) tensor) with coordinates from a patches h5
-  (``patches/<slide>.h5``, dataset ``coords`` and the CLAM attributes).
+  ``patch_size_level0`` (and ``patch_size``, ``level0_magnification``, ``target_magnification``,
+  ``overlap``) itself; TRIDENT's own ``patches/<slide>_patches.h5`` is also found.
+* CLAM ``pt_files/<slide>.pt`` (an (N, D) tensor) with coordinates from the patches h5.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mamba2d.data.grid import PatchGrid, patch_grid
+from mamba2d.data.grid import GridError, PatchGrid, Snap, patch_grid
 
 __all__ = [
-    "Bag", "BagError", "BagSetReport", "FeatureBagSet", "SLIDE_EXTENSIONS", "read_bag", "slide_stem",
+    "Bag", "BagError", "BagSetReport", "FeatureBagSet", "GridCheck", "SLIDE_EXTENSIONS", "read_bag",
+    "slide_stem",
 ]
 
 #: Whole-slide image extensions stripped from slide names, so ``x.svs``, ``x`` and ``x.SVS`` agree.
@@ -37,6 +40,9 @@ SLIDE_EXTENSIONS: tuple[str, ...] = (
 )
 
 _H5_SUFFIXES = (".h5", ".hdf5")
+#: Features beyond this magnitude overflow float32 and bfloat16 arithmetic (squares, sums) in the
+#: models; no encoder writes them, so they mean a broken file.
+MAX_ABS_FEATURE = 1e6
 _PT_SUFFIXES = (".pt", ".pth")
 
 
@@ -68,7 +74,9 @@ class Bag:
     ``features``: (N, D) float32. ``coords``: (N, 2) int64 level-0 pixel (x, y) of each patch's
     top-left corner, x (column direction) first. ``patch_size_level0``: the patch side in level-0
     pixels, or None when neither the file nor the caller gave it (2DMambaMIL needs it; the other
-    models do not). ``path``: the features file.
+    models do not). ``overlap_level0``: how far neighbouring patches overlap, in level-0 pixels
+    (TRIDENT's ``overlap``; 0 for CLAM). ``path``: the features file. ``size_source``: the file the
+    patch size was read from, when it is not ``path``.
     """
 
     slide_id: str
@@ -76,6 +84,8 @@ class Bag:
     coords: torch.Tensor
     patch_size_level0: int | None
     path: Path
+    overlap_level0: int = 0
+    size_source: Path | None = None
 
     @property
     def n_patches(self) -> int:
@@ -87,13 +97,18 @@ class Bag:
         """D, the feature width."""
         return int(self.features.shape[1])
 
-    def grid(self, snap: Literal["error", "round"] = "error") -> PatchGrid:
-        """The patches' tight grid (see :func:`mamba2d.data.grid.patch_grid`); errors name the file."""
+    def grid(self, snap: Snap = "auto", max_cells: int | None = None) -> PatchGrid:
+        """The patches' tight grid (see :func:`mamba2d.data.grid.patch_grid`): the lattice step is the
+        patch size minus the overlap. Errors are :class:`BagError` naming the file."""
         if self.patch_size_level0 is None:
-            raise BagError(f"{self.path}: no level-0 patch size in the file; pass patch_size= to read it")
+            raise BagError(f"{self.path}: coords: no patch size (no 'patch_size_level0' or CLAM 'patch_size' "
+                           f"attributes, and no patches h5 beside the features folder); pass --patch-size, "
+                           f"or --patches-dir with CLAM's patches/ folder")
+        step = self.patch_size_level0 - self.overlap_level0
         try:
-            return patch_grid(self.coords, self.patch_size_level0, snap=snap, name=str(self.path))
-        except ValueError as exc:
+            return patch_grid(self.coords, step, snap=snap, name=str(self.path), overlap=self.overlap_level0,
+                              max_cells=max_cells)
+        except GridError as exc:
             raise BagError(str(exc)) from exc
 
 
@@ -117,31 +132,44 @@ def _attr_float(attrs: Any, key: str, where: Path) -> float | None:
     return value
 
 
-def _patch_size_from_attrs(attrs: Any, where: Path) -> int | None:
-    """Level-0 patch side in pixels from the ``coords`` attributes, or None when they can't tell.
+def _patch_size_from_attrs(attrs: Any, where: Path) -> tuple[int | None, int]:
+    """Level-0 patch side and overlap in pixels from the ``coords`` attributes; (None, 0) when they
+    can't tell.
 
-    TRIDENT writes ``patch_size_level0``. CLAM writes ``patch_size`` at ``patch_level`` and the
-    per-level ``downsample`` (dx, dy), so level 0 spans patch_size * dx pixels. Without a
-    downsample, ``patch_level`` 0 means the patch size is already level 0; TRIDENT files without
+    TRIDENT writes ``patch_size_level0`` and ``overlap`` (at the target magnification, scaled here by
+    patch_size_level0 / patch_size). CLAM writes ``patch_size`` at ``patch_level`` and the per-level
+    ``downsample`` (dx, dy), so level 0 spans patch_size * dx pixels. Without a downsample,
+    ``patch_level`` 0 means the patch size is already level 0; TRIDENT files without
     ``patch_size_level0`` can still scale by ``level0_magnification / target_magnification``.
     """
+    size0: int | None = None
+    size = _attr_float(attrs, "patch_size", where)
     direct = _attr_float(attrs, "patch_size_level0", where)
     if direct is not None:
-        return int(round(direct))
-    size = _attr_float(attrs, "patch_size", where)
-    if size is None:
-        return None
-    downsample = _attr_float(attrs, "downsample", where)
-    if downsample is not None:
-        return int(round(size * downsample))
-    level = _attr_float(attrs, "patch_level", where)
-    if level == 0:
-        return int(round(size))
-    mag0 = _attr_float(attrs, "level0_magnification", where)
-    target = _attr_float(attrs, "target_magnification", where)
-    if mag0 is not None and target is not None:
-        return int(round(size * mag0 / target))
-    return None
+        size0 = int(round(direct))
+    elif size is not None:
+        downsample = _attr_float(attrs, "downsample", where)
+        mag0 = _attr_float(attrs, "level0_magnification", where)
+        target = _attr_float(attrs, "target_magnification", where)
+        if downsample is not None:
+            size0 = int(round(size * downsample))
+        elif _attr_float(attrs, "patch_level", where) == 0:
+            size0 = int(round(size))
+        elif mag0 is not None and target is not None:
+            size0 = int(round(size * mag0 / target))
+    overlap0 = 0
+    if size0 is not None and "overlap" in attrs:
+        raw = np.asarray(attrs["overlap"]).reshape(-1)
+        try:
+            overlap = float(raw[0])
+        except (IndexError, TypeError, ValueError) as exc:
+            raise BagError(f"{where}: coords attribute 'overlap' is not a number: "
+                           f"{attrs['overlap']!r}") from exc
+        scale = size0 / size if size else 1.0
+        overlap0 = int(round(overlap * scale))
+        if not np.isfinite(overlap) or overlap < 0 or overlap0 >= size0:
+            raise BagError(f"{where}: coords attribute 'overlap' must be in [0, patch size), got {overlap}")
+    return size0, overlap0
 
 
 def _open_h5(path: Path) -> h5py.File:
@@ -185,8 +213,8 @@ def _coords_array(raw: np.ndarray, path: Path) -> np.ndarray:
     return np.round(coords).astype(np.int64)
 
 
-def _read_coords_h5(path: Path) -> tuple[np.ndarray, int | None]:
-    """(N, 2) int64 coords and the level-0 patch size from a patches (or features) h5."""
+def _read_coords_h5(path: Path) -> tuple[np.ndarray, tuple[int | None, int]]:
+    """(N, 2) int64 coords and the level-0 (patch size, overlap) from a patches (or features) h5."""
     f = _open_h5(path)
     try:
         with f:
@@ -196,7 +224,7 @@ def _read_coords_h5(path: Path) -> tuple[np.ndarray, int | None]:
         raise BagError(f"{path}: could not read 'coords': {exc}") from exc
 
 
-def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int | None, int]]:
     f = _open_h5(path)
     try:
         with f:
@@ -225,22 +253,29 @@ def _read_pt(path: Path) -> np.ndarray:
     return obj.detach().to(torch.float32).numpy()
 
 
-def _coords_candidates(features_dir: Path, stem: str, coords_dir: Path | None) -> list[Path]:
-    """Where a .pt bag's coordinates may be, most specific first.
+def _coords_candidates(features_dir: Path, stem: str, coords_dir: Path | None,
+                       include_h5_files: bool = True) -> list[Path]:
+    """Where a bag's patches h5 (coordinates and patch size) may be, most specific first.
 
-    An explicit ``coords_dir`` is the only candidate: falling back elsewhere could pair the
-    features with another extraction's coordinates. Otherwise the CLAM layouts: a ``patches/``
-    folder beside the features folder, or an ``h5_files/`` folder in or beside it.
+    An explicit ``coords_dir`` is the only folder searched: falling back elsewhere could pair the
+    features with another extraction's coordinates. Otherwise the CLAM and TRIDENT layouts: a
+    ``patches/`` folder beside the features folder (or one level up), or CLAM's ``h5_files/``.
+    Both file names are tried: CLAM's ``<slide>.h5`` and TRIDENT's ``<slide>_patches.h5``.
     """
-    if coords_dir is not None:
-        return [Path(coords_dir) / f"{stem}.h5"]
     base = Path(features_dir)
+    if coords_dir is not None:
+        folders = [Path(coords_dir)]
+    else:
+        folders = [base.parent / "patches", base / "h5_files", base.parent / "h5_files", base / "patches",
+                   base.parent.parent / "patches"]
+        if not include_h5_files:
+            folders = [f for f in folders if f.name != "h5_files"]
     out: list[Path] = []
-    for cand in (base.parent / "patches", base / "h5_files", base.parent / "h5_files", base / "patches",
-                 base.parent.parent / "patches"):
-        path = cand / f"{stem}.h5"
-        if path not in out:
-            out.append(path)
+    for folder in folders:
+        for name in (f"{stem}.h5", f"{stem}_patches.h5"):
+            path = folder / name
+            if path not in out:
+                out.append(path)
     return out
 
 
@@ -250,8 +285,11 @@ def read_bag(path: str | Path, *, patch_size: int | None = None, coords_path: st
 
     ``patch_size``: the level-0 patch side in pixels, for files without it in their attributes;
     when the file has one too and they differ, the argument wins and a warning names the file.
-    ``coords_path``: the patches h5 of a ``.pt`` bag; found by the CLAM layout when omitted.
-    ``check_finite``: NaN or Inf features are an error (the default) instead of passing through.
+    ``coords_path``: the patches h5 of a ``.pt`` bag (its coordinates and patch size), or of an
+    ``.h5`` bag whose coords carry no patch size (CLAM's features files: only the patch size is
+    taken from it); found by the CLAM/TRIDENT layouts when omitted.
+    ``check_finite``: NaN, Inf or absurdly large (> ``MAX_ABS_FEATURE``) features are an error (the
+    default) instead of passing through.
     ``slide_id``: the id recorded in the bag; defaults to :func:`slide_stem` of the file name.
 
     Returns a :class:`Bag` with features (N, D) float32 and coords (N, 2) int64.
@@ -262,9 +300,19 @@ def read_bag(path: str | Path, *, patch_size: int | None = None, coords_path: st
                                    or patch_size <= 0):
         raise BagError(f"{path}: patch_size must be a positive int of level-0 pixels, got {patch_size!r}")
     suffix = path.suffix.lower()
+    size_src: Path | None = None
     if suffix in _H5_SUFFIXES:
-        feats, coords, file_size = _read_h5(path)
+        feats, coords, (file_size, overlap) = _read_h5(path)
         coords_src = path
+        if file_size is None and patch_size is None:
+            # CLAM's extract_features_fp.py writes coords without attributes; its patches h5 has them.
+            tried = [Path(coords_path)] if coords_path is not None else \
+                _coords_candidates(path.parent, slide_stem(path.stem), None, include_h5_files=False)
+            found = next((p for p in tried if p.is_file() and p.resolve() != path.resolve()), None)
+            if found is not None:
+                sizes = _read_coords_h5(found)[1]
+                if sizes[0] is not None:
+                    (file_size, overlap), size_src = sizes, found
     elif suffix in _PT_SUFFIXES:
         feats = _read_pt(path)
         if coords_path is None:
@@ -275,7 +323,7 @@ def read_bag(path: str | Path, *, patch_size: int | None = None, coords_path: st
                                f"{', '.join(str(p) for p in tried)}; pass coords_path=")
             coords_path = found
         coords_src = Path(coords_path)
-        coords, file_size = _read_coords_h5(coords_src)
+        coords, (file_size, overlap) = _read_coords_h5(coords_src)
     else:
         raise BagError(f"{path}: unknown bag format {path.suffix!r}; expected .h5 or .pt")
 
@@ -295,8 +343,14 @@ def read_bag(path: str | Path, *, patch_size: int | None = None, coords_path: st
         bad = ~np.isfinite(feats).all(axis=1)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
-            raise BagError(f"{path}: {int(bad.sum())} of {n} feature rows hold NaN or Inf "
+            raise BagError(f"{path}: features: {int(bad.sum())} of {n} rows hold NaN or Inf "
                            f"(first: row {first}); skip such slides with --skip-bad (skip_bad=True)")
+        big = np.abs(feats) > MAX_ABS_FEATURE
+        if big.any():
+            row, col = (int(v) for v in np.argwhere(big)[0])
+            raise BagError(f"{path}: features: {int(big.any(axis=1).sum())} of {n} rows hold values beyond "
+                           f"±{MAX_ABS_FEATURE:g} (first: row {row}, column {col}: {feats[row, col]:.3g}), "
+                           f"which overflow the models' arithmetic; skip such slides with --skip-bad")
     _check_unique_coords(coords, path)
 
     size = file_size
@@ -304,13 +358,15 @@ def read_bag(path: str | Path, *, patch_size: int | None = None, coords_path: st
         if file_size is not None and file_size != patch_size:
             warnings.warn(f"{path}: patch_size={patch_size} overrides the file's level-0 patch size "
                           f"{file_size}", stacklevel=2)
-        size = patch_size
+        size, overlap = patch_size, 0
     return Bag(
         slide_id=slide_id if slide_id is not None else slide_stem(path.stem),
         features=torch.from_numpy(feats),
         coords=torch.from_numpy(np.ascontiguousarray(coords)),
         patch_size_level0=size,
         path=path,
+        overlap_level0=overlap,
+        size_source=size_src if size is not None and patch_size is None else None,
     )
 
 
@@ -344,6 +400,14 @@ def _peek_dim(path: Path) -> int:
 
 
 @dataclass(frozen=True)
+class GridCheck:
+    """How :meth:`FeatureBagSet.validate` places bags on their grids: see :func:`patch_grid`."""
+
+    snap: Snap = "auto"
+    max_cells: int | None = None
+
+
+@dataclass(frozen=True)
 class BagSetReport:
     """What :meth:`FeatureBagSet.validate` found. Patch counts are per slide; sizes in level-0 pixels."""
 
@@ -354,6 +418,8 @@ class BagSetReport:
     n_patches_total: int
     patch_sizes_level0: tuple[int | None, ...]
     skipped: dict[str, str] = field(default_factory=dict)
+    grid_cells_max: int | None = None
+    moved_patches: dict[str, int] = field(default_factory=dict)
 
 
 class FeatureBagSet(Dataset):
@@ -415,7 +481,10 @@ class FeatureBagSet(Dataset):
         d = self.features_dir
         for cand in (d / f"{stem}.h5", d / "h5_files" / f"{stem}.h5"):
             if cand.is_file():
-                return cand, None
+                if self.coords_dir is None:
+                    return cand, None  # read_bag looks beside it when the file lacks a patch size
+                patches = next((p for p in _coords_candidates(d, stem, self.coords_dir) if p.is_file()), None)
+                return cand, patches
         for cand in (d / f"{stem}.pt", d / "pt_files" / f"{stem}.pt"):
             if cand.is_file():
                 tried = _coords_candidates(d, stem, self.coords_dir)
@@ -444,11 +513,14 @@ class FeatureBagSet(Dataset):
     def _load(self, stem: str) -> Bag:
         bag = self._cache.get(stem)
         if bag is None:
-            bag = read_bag(self.paths[stem], patch_size=self.patch_size, coords_path=self.coords_paths[stem],
-                           slide_id=stem)
+            bag = self._read(stem)
             if self.cache:
                 self._cache[stem] = bag
         return bag
+
+    def _read(self, stem: str) -> Bag:
+        return read_bag(self.paths[stem], patch_size=self.patch_size, coords_path=self.coords_paths[stem],
+                        slide_id=stem)
 
     def index_of(self, slide_id: str) -> int:
         """Position of a slide (any spelling :func:`slide_stem` accepts) in this set."""
@@ -467,18 +539,28 @@ class FeatureBagSet(Dataset):
             self._dim = _peek_dim(self.paths[self.slide_ids[0]])
         return self._dim
 
-    def validate(self) -> BagSetReport:
+    def validate(self, grid: GridCheck | None = None) -> BagSetReport:
         """Read every bag once and check it (see :func:`read_bag`) and that D agrees across slides.
+
+        ``grid``: also place every bag on its grid (see :meth:`Bag.grid`) with these settings, so
+        that a model scanning the grid meets no bad coordinates, missing patch size or oversized
+        grid after training has started.
 
         With ``skip_bad`` a bad slide, or one whose D differs from the most common D, is dropped
         with a warning; otherwise the first problem raises :class:`BagError`.
         """
         sizes: dict[str, tuple[int, int, int | None]] = {}  # stem -> (N, D, patch size)
         ref: tuple[str, int] | None = None
+        cells_max: int | None = None
+        moved: dict[str, int] = {}
         for stem in list(self.slide_ids):
             try:
-                bag = read_bag(self.paths[stem], patch_size=self.patch_size,
-                               coords_path=self.coords_paths[stem], slide_id=stem)
+                bag = self._read(stem)
+                if grid is not None:
+                    placed = bag.grid(grid.snap, grid.max_cells)
+                    cells_max = max(cells_max or 0, placed.cells)
+                    if placed.moved:
+                        moved[stem] = placed.moved
             except BagError as exc:
                 if not self.skip_bad:
                     raise
@@ -507,6 +589,12 @@ class FeatureBagSet(Dataset):
         self.slide_ids = [s for s in self.slide_ids if s in sizes]
         counts = [n for n, _, _ in sizes.values()]
         patch_sizes = {p for _, _, p in sizes.values()}
+        moved = {k: v for k, v in moved.items() if k in sizes}
+        if moved:
+            total = sum(moved.values())
+            warnings.warn(f"{len(moved)} slide(s) hold overlapping patch tilings (e.g. CLAM's per-contour "
+                          f"tiling): {total} patch(es) moved to the nearest free grid cell; first: "
+                          f"{self.paths[next(iter(moved))]} ({next(iter(moved.values()))})", stacklevel=2)
         return BagSetReport(
             n_slides=len(sizes),
             feature_dim=self._dim,
@@ -515,4 +603,6 @@ class FeatureBagSet(Dataset):
             n_patches_total=sum(counts),
             patch_sizes_level0=tuple(sorted(patch_sizes, key=lambda p: (p is None, p or 0))),
             skipped=dict(self.skipped),
+            grid_cells_max=cells_max,
+            moved_patches=moved,
         )

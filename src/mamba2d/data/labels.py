@@ -291,8 +291,9 @@ def read_labels(path: str | Path, task: Literal["classification", "survival"], *
             if other.any():
                 counts = frame.loc[other, "label_name"].value_counts().to_dict()
                 if not drop_other:
-                    raise LabelError(f"{path}: column {l_col!r} has labels outside class_order "
-                                     f"{class_names}: {counts}; pass drop_other=True to drop those slides")
+                    raise LabelError(f"{path}: column {l_col!r} has labels outside the classes {class_names} "
+                                     f"(--classes): {counts}, e.g. slide(s) {_first_ids(frame, other)}; fix "
+                                     f"them, or skip those slides with --skip-bad (drop_other=True)")
                 warnings.warn(f"{path}: dropping {int(other.sum())} slide(s) whose {l_col!r} is not in "
                               f"{class_names}: {counts}", stacklevel=2)
                 keep = ~other.to_numpy()
@@ -301,6 +302,7 @@ def read_labels(path: str | Path, task: Literal["classification", "survival"], *
                 frame, raw = frame[keep].reset_index(drop=True), raw[keep].reset_index(drop=True)
         else:
             class_names = _sorted_labels(frame["label_name"].unique().tolist())
+            _warn_rare_classes(frame, class_names, l_col, path)
         index = {name: i for i, name in enumerate(class_names)}
         frame["label"] = frame["label_name"].map(index).astype(np.int64)
         value_cols = ["label"]
@@ -316,6 +318,21 @@ def read_labels(path: str | Path, task: Literal["classification", "survival"], *
     ordered += [c for c in frame.columns if c not in ordered]
     return LabelTable(task=task, frame=frame[ordered].reset_index(drop=True), class_names=class_names,
                       source=path)
+
+
+def _warn_rare_classes(frame: pd.DataFrame, class_names: list[str], col: str, path: Path) -> None:
+    """Without an explicit class list a typo becomes a class of its own: say so when a class is far
+    rarer than the others (one slide, or under 2% of the slides while another class has 10x more)."""
+    counts = frame["label_name"].value_counts()
+    biggest, n = int(counts.max()), len(frame)
+    rare = [c for c in class_names
+            if biggest >= 10 * counts[c] and (counts[c] == 1 or counts[c] < 0.02 * n)]
+    if rare:
+        shown = {c: int(counts[c]) for c in rare[:5]}
+        common = {k: int(v) for k, v in counts.head(3).items()}
+        warnings.warn(f"{path}: column {col!r}: class(es) {shown} are far rarer than the others ({common}); "
+                      f"if one is a typo, give the classes with --classes A,B,... so that other labels are "
+                      f"errors", stacklevel=3)
 
 
 def _sorted_labels(labels: list[str]) -> list[str]:
@@ -337,6 +354,9 @@ def _survival_columns(frame: pd.DataFrame, raw: pd.DataFrame, path: Path, time_c
     if times.isna().any():
         raise LabelError(f"{path}: column {t_col!r} has no survival time for slide(s) "
                          f"{_first_ids(frame, times.isna())}")
+    if np.isinf(times).any():
+        raise LabelError(f"{path}: column {t_col!r} has infinite survival times for slide(s) "
+                         f"{_first_ids(frame, np.isinf(times))}")
     if (times < 0).any():
         raise LabelError(f"{path}: column {t_col!r} has negative survival times for slide(s) "
                          f"{_first_ids(frame, times < 0)}")

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mamba2d.data.grid import patch_grid
+from mamba2d.data.grid import PatchGrid, Snap, patch_grid
 from mamba2d.mil.common import MILOutput, check_bag, heads_output
 from mamba2d.nn import Mamba2DBlock
 
@@ -16,10 +16,12 @@ from mamba2d.nn import Mamba2DBlock
 class TwoDMambaMIL(nn.Module):
     """2DMambaMIL (Zhang et al., CVPR 2025) for one slide at a time.
 
-    ``forward(features (N, in_dim), coords (N, 2) level-0 (x, y) pixels, patch_size)``:
+    ``forward(features (N, in_dim), coords (N, 2) level-0 (x, y) pixels, patch_size, grid=None)``:
 
     1. Linear(in_dim, d_model) + GELU + Dropout on every patch.
-    2. The patches go back onto the slide's tight grid (coords / patch_size, minus the minimum).
+    2. The patches go back onto the slide's tight grid (coords / patch_size, minus the minimum;
+       see :func:`mamba2d.data.grid.patch_grid`, ``snap`` and ``max_grid_cells``), or onto ``grid``
+       when the caller placed them already (the training pipeline does, at load time).
        Cells without tissue hold a learnable pad token (``pad="learnable"``, initialised uniform in
        [0, 1) as in the paper's code) or zeros (``pad="zeros"``).
     3. Optional positional embedding: Linear(2, d_model) of the normalised (row, col), added on
@@ -48,7 +50,8 @@ class TwoDMambaMIL(nn.Module):
         pos_embed: bool = False,
         conv: Literal["1d", "2d"] = "1d",
         directions: Literal[1, 2, 4] = 1,
-        snap: Literal["error", "round"] = "error",
+        snap: Snap = "auto",
+        max_grid_cells: int | None = None,
         scan: Literal["2d", "raster"] = "2d",
         backend: str = "auto",
     ) -> None:
@@ -61,6 +64,7 @@ class TwoDMambaMIL(nn.Module):
             raise ValueError(f"pad must be 'learnable' or 'zeros', got {pad!r}")
         self.in_dim, self.task, self.d_model = in_dim, task, d_model
         self.pool_pads, self.snap, self.scan = pool_pads, snap, scan
+        self.max_grid_cells = max_grid_cells
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
         self.pad_token = nn.Parameter(torch.rand(d_model)) if pad == "learnable" else None
         self.pos_embed = nn.Linear(2, d_model) if pos_embed else None
@@ -72,10 +76,17 @@ class TwoDMambaMIL(nn.Module):
         self.attention = nn.Sequential(nn.Linear(d_model, 128), nn.Tanh(), nn.Linear(128, 1))
         self.head = nn.Linear(d_model, n_classes)
 
+    #: The model reads the patches' 2D layout: the pipeline places bags on grids for it.
+    uses_grid = True
+
     def forward(self, features: torch.Tensor, coords: torch.Tensor, patch_size: float,
-                return_embedding: bool = False) -> MILOutput:
+                return_embedding: bool = False, grid: PatchGrid | None = None) -> MILOutput:
         check_bag(features, coords, self.in_dim)
-        grid = patch_grid(coords, patch_size, snap=self.snap)
+        if grid is None:
+            grid = patch_grid(coords, patch_size, snap=self.snap, max_cells=self.max_grid_cells)
+        elif grid.rows.shape[0] != features.shape[0]:
+            raise ValueError(f"grid places {grid.rows.shape[0]} patches but features has {features.shape[0]}")
+        grid = grid.to(features.device)
         H, W = grid.height, grid.width
         h = self.embed(features)
         if self.pos_embed is not None:

@@ -9,6 +9,7 @@ never arbitrary pickled objects.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -42,8 +43,22 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON (NaN written as null-safe ``NaN`` literals)."""
-    return write_text(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+    """Atomically write ``obj`` as indented, strict JSON: NaN and infinities (an undefined metric)
+    are written as null, since JSON has no literal for them."""
+    return write_text(path, json.dumps(_finite(obj), indent=1, default=_json_default, allow_nan=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (numpy scalars and arrays included)."""
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        obj = obj.tolist()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

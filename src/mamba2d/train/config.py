@@ -88,11 +88,18 @@ class TrainConfig(ConfigFile):
     precision: str = _opt("auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", default="auto",
                           choices=("auto", "bf16", "fp32"))
     patch_size: int | None = _opt("level-0 patch size in pixels, when the feature files lack it")
+    patches_dir: str | None = _opt("CLAM's patches/ folder (coords h5 with the patch size), when it is not "
+                                   "beside the features folder")
+    grid_snap: str = _opt("placing patches on the grid: auto (each tiling, e.g. each CLAM contour, snapped "
+                          "to one lattice; overlapping patches moved to a free cell) or strict (any patch "
+                          "off the lattice is an error)", default="auto", choices=("auto", "strict"))
+    max_grid_cells: int | None = _opt("refuse slides whose grid has more cells (default: 65,536 or 32 per "
+                                      "patch, whichever is larger)")
     n_bins: int = _opt("survival: discrete time bins (quantiles of uncensored training times)", default=4)
     alpha_surv: float = _opt("survival: extra weight on uncensored patients in the NLL loss", default=0.0)
     label_col: str | None = _opt("label column, when not auto-detected")
-    classes: list[str] | None = _opt("keep only these classes, in this order, e.g. IDC,ILC (slides with "
-                                     "other labels are dropped with a warning)")
+    classes: list[str] | None = _opt("the classes, in this order: A,B,... or a text file with one per line; "
+                                     "other labels are errors (skipped with --skip-bad)")
     slide_col: str | None = _opt("slide id column, when not auto-detected")
     case_col: str | None = _opt("case id column, when not auto-detected")
     cache: bool = _opt("keep feature bags in memory after the first read", default=False)
@@ -101,6 +108,8 @@ class TrainConfig(ConfigFile):
     model_args: dict[str, Any] = _opt("extra model keyword arguments (YAML mapping, or key=value flags)",
                                       default_factory=dict)
     progress: bool = _opt("show progress bars", default=True)
+    tensorboard: bool = _opt("also log every epoch's metrics for TensorBoard (RUN/tensorboard/)",
+                             default=False)
     stop_after_epochs: int | None = _opt("stop each fold after this many epochs in this call (for testing "
                                          "--resume)", hidden=True)
 
@@ -127,6 +136,10 @@ class TrainConfig(ConfigFile):
             raise ValueError(f"clip_grad must be positive, got {self.clip_grad}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.grid_snap not in ("auto", "strict"):
+            raise ValueError(f"grid_snap must be auto or strict, got {self.grid_snap!r}")
+        if self.max_grid_cells is not None and self.max_grid_cells < 1:
+            raise ValueError(f"max_grid_cells must be positive, got {self.max_grid_cells}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         return self
@@ -134,10 +147,23 @@ class TrainConfig(ConfigFile):
     @classmethod
     def _normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(values.get("classes"), str):
-            values["classes"] = [c.strip() for c in values["classes"].split(",") if c.strip()]
+            values["classes"] = parse_classes(values["classes"])
         if isinstance(values.get("seeds"), (int, str)):
             values["seeds"] = parse_seeds(str(values["seeds"]))
         return values
+
+
+def parse_classes(text: str) -> list[str]:
+    """'IDC,ILC', or the path of a text file with one class per line (blank lines and # comments
+    ignored), to the list of class names."""
+    path = Path(text)
+    if path.is_file():
+        lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        names = [line for line in lines if line]
+        if not names:
+            raise ValueError(f"{path}: --classes file names no class")
+        return names
+    return [c.strip() for c in text.split(",") if c.strip()]
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -85,6 +85,25 @@ def gather(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def on_main(fn, info: DistInfo):
+    """Run ``fn()`` on rank 0 only and hand its result, or its exception, to every rank, so that a
+    check made once (e.g. of the output folder) stops all ranks alike instead of leaving them
+    waiting at the next barrier."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised on every rank below
+            error = err
+    if info.enabled:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

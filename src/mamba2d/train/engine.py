@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamba2d.data.bags import FeatureBagSet
+from mamba2d.data.bags import FeatureBagSet, GridCheck
 from mamba2d.data.labels import LabelTable, read_labels
 from mamba2d.data.splits import (
     Split,
@@ -45,13 +45,15 @@ from mamba2d.data.splits import (
     splits_from_labels,
     write_split_csv,
 )
-from mamba2d.mil import build_model
+from mamba2d.mil import MODELS, build_model
 from mamba2d.train import plots
 from mamba2d.train.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
 from mamba2d.train.config import TrainConfig
-from mamba2d.train.distributed import DistInfo, barrier, distributed_session, gather, shard
+from mamba2d.train.distributed import DistInfo, barrier, distributed_session, gather, on_main, shard
+from mamba2d.train.epochlog import EpochLog
 from mamba2d.train.losses import nll_survival_loss
 from mamba2d.train.metrics import classification_metrics, summarise, survival_metrics
+from mamba2d.train.rundir import absolute_config, claim_run_folder, write_marker
 from mamba2d.train.runtime import bf16_autocast, progress_bar
 
 # Models with their own auxiliary loss, and how it is weighted against the task loss
@@ -62,10 +64,11 @@ SELECTION_METRIC = {"classification": "auc", "survival": "c_index"}
 
 @dataclass
 class RunData:
-    """A labelled set of slides: ``table.frame`` rows and their bags (``bag_index[row]``)."""
+    """A labelled set of slides: ``table.frame`` rows and their bags, and how bags go on grids."""
 
     table: LabelTable
     bags: FeatureBagSet
+    grid: GridCheck | None = None
 
     def bag(self, row: int):
         return self.bags[self.bags.index_of(self.table.frame["slide_id"].iat[row])]
@@ -75,20 +78,34 @@ class RunData:
 # Data
 
 
+def uses_grid(model_name: str) -> bool:
+    """Whether the model reads the patches' 2D layout (then bags are placed on grids at load time)."""
+    return bool(getattr(MODELS.get(model_name), "uses_grid", False))
+
+
+def grid_check(cfg: TrainConfig) -> GridCheck | None:
+    if not uses_grid(cfg.model):
+        return None
+    snap = cfg.model_args.get("snap", "error" if cfg.grid_snap == "strict" else "auto")
+    return GridCheck(snap=snap, max_cells=cfg.model_args.get("max_grid_cells", cfg.max_grid_cells))
+
+
 def load_data(cfg: TrainConfig) -> RunData:
-    """Read the label table and the bags it names; with ``skip_bad``, drop slides that fail."""
+    """Read the label table and the bags it names, and check every bag (and, for models that scan
+    the grid, its grid) before training starts; with ``skip_bad``, drop slides that fail."""
     table = read_labels(cfg.labels, cfg.task, slide_col=cfg.slide_col, label_col=cfg.label_col,
-                        case_col=cfg.case_col, class_order=cfg.classes, drop_other=cfg.classes is not None)
+                        case_col=cfg.case_col, class_order=cfg.classes, drop_other=cfg.skip_bad)
     bags = FeatureBagSet(cfg.features, table.frame["slide_id"], patch_size=cfg.patch_size,
-                         cache=cfg.cache, skip_bad=cfg.skip_bad)
-    bags.validate()
+                         coords_dir=cfg.patches_dir, cache=cfg.cache, skip_bad=cfg.skip_bad)
+    check = grid_check(cfg)
+    bags.validate(grid=check)
     kept = table.frame["slide_id"].isin(set(bags.slide_ids))
     if not kept.all():
         table = LabelTable(table.task, table.frame[kept].reset_index(drop=True), table.class_names,
                            table.source, table.bin_edges)
     if len(table) == 0:
         raise ValueError(f"no usable slides: every slide in {cfg.labels} was skipped")
-    return RunData(table, bags)
+    return RunData(table, bags, check)
 
 
 def make_splits(cfg: TrainConfig, table: LabelTable) -> list[Split]:
@@ -137,8 +154,11 @@ def _slide_loss(cfg: TrainConfig, model: nn.Module, out, frame: pd.DataFrame, ro
     return loss
 
 
-def _forward(model: nn.Module, bag, device: torch.device, label: int | None = None):
-    kwargs = {} if label is None else {"label": torch.tensor(label, device=device)}
+def _forward(model: nn.Module, bag, device: torch.device, label: int | None = None,
+             grid: GridCheck | None = None):
+    kwargs: dict[str, Any] = {} if label is None else {"label": torch.tensor(label, device=device)}
+    if grid is not None:  # placed as at load time, where its problems were already reported
+        kwargs["grid"] = bag.grid(grid.snap, grid.max_cells)
     return model(bag.features.to(device), bag.coords.to(device).float(), bag.patch_size_level0, **kwargs)
 
 
@@ -160,11 +180,12 @@ def predict(model: nn.Module, data: RunData, table: LabelTable, rows: list[int],
     frame = table.frame
     records = []
     for row in shard(rows, info):
+        bag = data.bag(row)
         with _autocast(cfg, info.device):
-            out = _forward(model, data.bag(row), info.device)
+            out = _forward(model, bag, info.device, grid=data.grid)
         if not torch.isfinite(out.logits).all():
-            raise ValueError(f"the model's output for slide {frame['slide_id'].iat[row]} is not finite; "
-                             f"training diverged (try a lower --lr)")
+            raise ValueError(f"{bag.path}: the model's output for slide {frame['slide_id'].iat[row]} is not "
+                             f"finite; training diverged (try a lower --lr)")
         rec: dict[str, Any] = {"row": row, "slide_id": frame["slide_id"].iat[row],
                                "case_id": frame["case_id"].iat[row]}
         if table.task == "classification":
@@ -203,8 +224,9 @@ def case_risks(pred: pd.DataFrame) -> pd.DataFrame:
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)}
+    """The numeric metrics; None (an undefined metric read back from JSON) counts as NaN."""
+    return {k: float("nan") if v is None else float(v) for k, v in metrics.items()
+            if v is None or (isinstance(v, (int, float, np.floating)) and not isinstance(v, bool))}
 
 
 def model_card(cfg: TrainConfig, data: RunData, table: LabelTable) -> dict[str, Any]:
@@ -246,7 +268,7 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
         return json.loads(result_path.read_text())
 
     table = data.table
-    rows = resolve_split(split, table, unknown="drop" if cfg.skip_bad else "error", leakage="warn")
+    rows = resolve_split(split, table, unknown="drop" if cfg.skip_bad else "error", leakage="error")
     if cfg.task == "survival":  # bins from this fold's training patients only
         table = table.with_bins(table.bin_edges_from(cfg.n_bins, rows["train"]))
     frame = table.frame
@@ -274,6 +296,8 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     show = cfg.progress and info.is_main
+    log = EpochLog(out_dir, f"fold {fold} seed {seed}", cfg.epochs, enabled=info.is_main,
+                   lines=not cfg.progress, tensorboard=cfg.tensorboard)
     epochs = progress_bar(range(state["epoch"] + 1, cfg.epochs), show, f"fold {fold} seed {seed}",
                        initial=state["epoch"] + 1, total=cfg.epochs)
     stopped_early = False
@@ -292,9 +316,13 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
         for i, row in enumerate(slides):
             wants_label = cfg.model in AUX_WEIGHTS and cfg.task == "classification"
             label = int(frame["label"].iat[row]) if wants_label else None
+            bag = data.bag(row)
             with _autocast(cfg, info.device):
-                out = _forward(net, data.bag(row), info.device, label)
+                out = _forward(net, bag, info.device, label, data.grid)
             loss = _slide_loss(cfg, model, out, frame, row)
+            if not torch.isfinite(loss):
+                raise ValueError(f"{bag.path}: the loss on slide {frame['slide_id'].iat[row]} is not finite "
+                                 f"at epoch {epoch + 1} (check this slide's features, or lower --lr)")
             (loss / cfg.accumulate).backward()
             running += float(loss.detach())
             if (i + 1) % cfg.accumulate == 0 or i + 1 == len(order):
@@ -329,6 +357,7 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
         if info.is_main:
             save_checkpoint(out_dir / "last.pt", {"model": model.state_dict(),
                                                   "optimizer": optimizer.state_dict(), **state})
+        log.epoch(record, state["history"])
         barrier(info)
         if show:
             epochs.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_score:.3f}")
@@ -364,6 +393,7 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
         if info.is_main:
             write_text(out_dir / f"predictions_{part}.csv", pred.to_csv(index=False))
             _plots(table, pred, metrics, out_dir, part)
+    log.close()
     if info.is_main:
         write_text(out_dir / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
         plots.save_training_curves(state["history"], out_dir / "training_curves.png")
@@ -393,11 +423,29 @@ def _plots(table: LabelTable, pred: pd.DataFrame, metrics: dict[str, Any], out_d
 # The whole run
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Train every fold and seed of ``cfg``; returns (and writes) the run's metrics."""
+def run_training(cfg: TrainConfig, *, resume: bool = False, reuse_finished: bool = False) -> dict[str, Any]:
+    """Train every fold and seed of ``cfg``; returns (and writes) the run's metrics.
+
+    The run folder ``cfg.out`` must be new or empty, or hold this very run (see
+    :mod:`mamba2d.train.rundir`): an unfinished one is continued where it stopped. ``resume``: it
+    must hold a run already (``cfg`` is its saved configuration). ``reuse_finished``: a finished
+    identical run is returned as it is instead of refused.
+    """
     cfg.check()
+    absolute_config(cfg)
     with distributed_session(cfg.device) as info:
-        return _run(cfg, info)
+        out = Path(cfg.out)
+        on_main(lambda: claim_run_folder(out, "train", cfg.to_dict(), resume=resume,
+                                         reuse_finished=reuse_finished), info)
+        try:
+            result = _run(cfg, info)
+        except BaseException as err:
+            if info.is_main:
+                write_marker(out, "train", "failed", error=f"{type(err).__name__}: {err}"[:500])
+            raise
+        if info.is_main:
+            write_marker(out, "train", "stopped" if result.get("interrupted") else "complete")
+        return result
 
 
 def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
@@ -405,8 +453,6 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     data = load_data(cfg)
     splits = make_splits(cfg, data.table)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
         write_json(out / "labels.json", data.table.to_json_dict())
         (out / "splits").mkdir(exist_ok=True)
         for k, split in enumerate(splits):

@@ -17,6 +17,7 @@ from mamba2d.train.config import TrainConfig
 from mamba2d.train.distributed import DistInfo, pick_device
 from mamba2d.train.engine import RunData, _plots, load_data, predict, rebuild_model, score, summarise_results
 from mamba2d.train.metrics import format_mean_std
+from mamba2d.train.rundir import claim_output_folder, write_marker
 
 # The columns `compare` shows, per task, in order.
 COMPARE_METRICS = {"classification": ("auc", "auc_ovo", "accuracy", "balanced_accuracy", "macro_f1"),
@@ -41,6 +42,9 @@ def evaluate_run(run: str | Path, out: str | Path, features: str | None = None, 
     labelled slide of the new cohort is evaluated by every model (an external test set).
     """
     run, out = Path(run), Path(out)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run}: no config.yaml; is this a run directory written by `mamba2d train`?")
+    claim_output_folder(out, "eval", inside_forbidden=[run])
     cfg = TrainConfig.load(run / "config.yaml")
     external = features is not None or labels is not None
     if external:
@@ -57,7 +61,6 @@ def evaluate_run(run: str | Path, out: str | Path, features: str | None = None, 
         card = load_checkpoint(model_dir / "best.pt", map_location=info.device)
         table = _table_for(card, data.table, cfg)
         model = rebuild_model(card, info.device)
-        fold_data = RunData(table, data.bags)
         if external:
             part, rows = "external", list(range(len(table)))
         else:
@@ -66,7 +69,7 @@ def evaluate_run(run: str | Path, out: str | Path, features: str | None = None, 
             parts = resolve_split(split, table, unknown="drop" if cfg.skip_bad else "error", leakage="warn")
             part = "test" if parts["test"] else "val"
             rows = parts[part]
-        pred = predict(model, fold_data, table, rows, info, cfg)
+        pred = predict(model, RunData(table, data.bags, data.grid), table, rows, info, cfg)
         metrics = score(pred, table)
         target = out / model_dir.name
         target.mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,7 @@ def evaluate_run(run: str | Path, out: str | Path, features: str | None = None, 
     summary = {"run": str(run), "task": cfg.task, "model": cfg.model, "runs": results,
                **summarise_results(results)}
     write_json(out / "metrics.json", summary)
+    write_marker(out, "eval", "complete")
     return summary
 
 
@@ -114,10 +118,16 @@ def compare_runs(runs: list[str | Path], part: str = "test") -> pd.DataFrame:
         for name in COMPARE_METRICS.get(metrics.get("task", "classification"), ()):
             if name in summary:
                 s = summary[name]
-                row[name] = format_mean_std(s["mean"], s["std"]) if not math.isnan(s["mean"]) else "nan"
-                row[f"{name}_mean"], row[f"{name}_std"] = s["mean"], s["std"]
+                mean, std = _number(s["mean"]), _number(s["std"])
+                row[name] = format_mean_std(mean, std) if not math.isnan(mean) else "n/a"
+                row[f"{name}_mean"], row[f"{name}_std"] = mean, std
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _number(value: Any) -> float:
+    """A metric read back from JSON: null (undefined) as NaN."""
+    return float("nan") if value is None else float(value)
 
 
 def format_table(frame: pd.DataFrame) -> str:

@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mamba2d.train.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
 from mamba2d.train.config import VisionTrainConfig
-from mamba2d.train.distributed import DistInfo, distributed_session
+from mamba2d.train.distributed import DistInfo, distributed_session, on_main
+from mamba2d.train.rundir import absolute_config, claim_run_folder, write_marker
 from mamba2d.train.runtime import bf16_autocast, progress_bar
 
 __all__ = ["run_vision_training"]
@@ -249,11 +250,26 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
-def run_vision_training(cfg: VisionTrainConfig) -> dict[str, Any]:
-    """Train (or resume) the run described by ``cfg``; returns and writes its metrics."""
+def run_vision_training(cfg: VisionTrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg``; returns and writes its metrics.
+
+    ``cfg.out`` must be new or empty, or hold this very run, continued where it stopped (see
+    :mod:`mamba2d.train.rundir`); ``resume``: it must hold a run already.
+    """
     cfg.check()
+    absolute_config(cfg)
     with distributed_session(cfg.device) as info:
-        return _run(cfg, info)
+        out = Path(cfg.out)
+        on_main(lambda: claim_run_folder(out, "vision-train", cfg.to_dict(), resume=resume), info)
+        try:
+            result = _run(cfg, info)
+        except BaseException as err:
+            if info.is_main:
+                write_marker(out, "vision-train", "failed", error=f"{type(err).__name__}: {err}"[:500])
+            raise
+        if info.is_main:
+            write_marker(out, "vision-train", "stopped" if result.get("interrupted") else "complete")
+        return result
 
 
 def _run(cfg: VisionTrainConfig, info: DistInfo) -> dict[str, Any]:
@@ -265,9 +281,6 @@ def _run(cfg: VisionTrainConfig, info: DistInfo) -> dict[str, Any]:
     from timm.utils import ModelEmaV3
 
     out = Path(cfg.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
     _seed_everything(_seed(cfg.seed, -1))
     make_data = _classification_data if cfg.task == "classification" else _segmentation_data
     train_set, val_set, classes, in_chans = make_data(cfg)
