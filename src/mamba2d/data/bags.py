@@ -279,6 +279,37 @@ def _coords_candidates(features_dir: Path, stem: str, coords_dir: Path | None,
     return out
 
 
+def _patch_folders_near(features_dir: Path) -> list[Path]:
+    """``patches/`` folders of the sibling folders of a features folder and of its parent (CLAM's
+    patching and feature folders are often siblings: RESULTS/patches beside FEATURES/h5_files)."""
+    out = []
+    for root in (features_dir.parent, features_dir.parent.parent):
+        try:
+            out += sorted(d / "patches" for d in root.iterdir() if (d / "patches").is_dir())
+        except OSError:
+            continue
+    return out
+
+
+def _patches_file_for(path: Path, coords: np.ndarray,
+                      coords_path: str | Path | None) -> tuple[tuple[int | None, int], Path] | None:
+    """(patch size and overlap, file) from the patches h5 holding exactly ``coords``, or None."""
+    stem = slide_stem(path.stem)
+    if coords_path is not None:
+        tried = [Path(coords_path)]
+    else:
+        tried = _coords_candidates(path.parent, stem, None, include_h5_files=False)
+        for folder in _patch_folders_near(path.parent):
+            tried += [p for p in _coords_candidates(path.parent, stem, folder) if p not in tried]
+    for cand in tried:
+        if not cand.is_file() or cand.resolve() == path.resolve():
+            continue
+        theirs, sizes = _read_coords_h5(cand)
+        if sizes[0] is not None and theirs.shape == coords.shape and (theirs == coords).all():
+            return sizes, cand
+    return None
+
+
 def read_bag(path: str | Path, *, patch_size: int | None = None, coords_path: str | Path | None = None,
              check_finite: bool = True, slide_id: str | None = None) -> Bag:
     """Read one slide's bag from a CLAM/TRIDENT ``.h5``, or a CLAM ``.pt`` plus a patches h5.
@@ -305,14 +336,12 @@ def read_bag(path: str | Path, *, patch_size: int | None = None, coords_path: st
         feats, coords, (file_size, overlap) = _read_h5(path)
         coords_src = path
         if file_size is None and patch_size is None:
-            # CLAM's extract_features_fp.py writes coords without attributes; its patches h5 has them.
-            tried = [Path(coords_path)] if coords_path is not None else \
-                _coords_candidates(path.parent, slide_stem(path.stem), None, include_h5_files=False)
-            found = next((p for p in tried if p.is_file() and p.resolve() != path.resolve()), None)
+            # CLAM's extract_features_fp.py writes coords without attributes; the patches h5 that
+            # create_patches_fp.py wrote has them. Only a patches file with these very coordinates
+            # counts: another extraction's could have another patch size.
+            found = _patches_file_for(path, coords, coords_path)
             if found is not None:
-                sizes = _read_coords_h5(found)[1]
-                if sizes[0] is not None:
-                    (file_size, overlap), size_src = sizes, found
+                (file_size, overlap), size_src = found
     elif suffix in _PT_SUFFIXES:
         feats = _read_pt(path)
         if coords_path is None:
