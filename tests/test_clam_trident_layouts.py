@@ -96,7 +96,8 @@ def _write_trident(root: Path, overlap: int) -> tuple[Path, Path]:
     for i in range(N_SLIDES):
         label = i % 2
         cols, rws = np.nonzero(rng.random((6, 7)) < 0.7)
-        coords = np.stack([[_trident_pos(c, 512, o0) for c in cols], [_trident_pos(r, 512, o0) for r in rws]], 1)
+        coords = np.stack([[_trident_pos(c, 512, o0) for c in cols],
+                           [_trident_pos(r, 512, o0) for r in rws]], 1)
         attrs = dict(patch_size=256, patch_size_level0=512, level0_magnification=40, target_magnification=20,
                      overlap=overlap, name=f"slide_{i}", savetodir=str(job))
         with h5py.File(patches / f"slide_{i}_patches.h5", "w") as f:
