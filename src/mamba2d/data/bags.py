@@ -29,8 +29,8 @@ from torch.utils.data import Dataset
 from mamba2d.data.grid import GridError, PatchGrid, Snap, patch_grid
 
 __all__ = [
-    "Bag", "BagError", "BagSetReport", "FeatureBagSet", "GridCheck", "SLIDE_EXTENSIONS", "read_bag",
-    "slide_stem",
+    "Bag", "BagError", "BagSetReport", "FeatureBagSet", "GridCheck", "SLIDE_EXTENSIONS", "discover_slides",
+    "read_bag", "slide_stem",
 ]
 
 #: Whole-slide image extensions stripped from slide names, so ``x.svs``, ``x`` and ``x.SVS`` agree.
@@ -426,6 +426,19 @@ def _peek_dim(path: Path) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # A folder of bags
+
+
+def discover_slides(features_dir: str | Path) -> list[str]:
+    """The slide ids of every bag in a features folder (``<stem>.h5`` or ``.pt``, directly or in
+    CLAM's ``h5_files/`` and ``pt_files/``), sorted. Raises :class:`BagError` when there is none."""
+    d = Path(features_dir)
+    if not d.is_dir():
+        raise BagError(f"{d}: features folder does not exist")
+    stems = {slide_stem(p.stem) for folder in (d, d / "h5_files", d / "pt_files") if folder.is_dir()
+             for p in folder.iterdir() if p.suffix.lower() in _H5_SUFFIXES + _PT_SUFFIXES and p.is_file()}
+    if not stems:
+        raise BagError(f"{d}: no .h5 or .pt feature bags (looked in it, h5_files/ and pt_files/)")
+    return sorted(stems)
 
 
 @dataclass(frozen=True)

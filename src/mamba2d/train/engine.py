@@ -154,8 +154,11 @@ def _slide_loss(cfg: TrainConfig, model: nn.Module, out, frame: pd.DataFrame, ro
     return loss
 
 
-def _forward(model: nn.Module, bag, device: torch.device, label: int | None = None,
-             grid: GridCheck | None = None):
+def forward_bag(model: nn.Module, bag, device: torch.device, label: int | None = None,
+                grid: GridCheck | None = None):
+    """Run ``model`` on one :class:`~mamba2d.data.bags.Bag`; ``grid``: how the pipeline places bags on
+    grids, for models that scan them (``None`` for the others). ``label``: for models with an
+    auxiliary loss that needs it."""
     kwargs: dict[str, Any] = {} if label is None else {"label": torch.tensor(label, device=device)}
     if grid is not None:  # placed as at load time, where its problems were already reported
         kwargs["grid"] = bag.grid(grid.snap, grid.max_cells)
@@ -182,7 +185,7 @@ def predict(model: nn.Module, data: RunData, table: LabelTable, rows: list[int],
     for row in shard(rows, info):
         bag = data.bag(row)
         with _autocast(cfg, info.device):
-            out = _forward(model, bag, info.device, grid=data.grid)
+            out = forward_bag(model, bag, info.device, grid=data.grid)
         if not torch.isfinite(out.logits).all():
             raise ValueError(f"{bag.path}: the model's output for slide {frame['slide_id'].iat[row]} is not "
                              f"finite; training diverged (try a lower --lr)")
@@ -318,7 +321,7 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
             label = int(frame["label"].iat[row]) if wants_label else None
             bag = data.bag(row)
             with _autocast(cfg, info.device):
-                out = _forward(net, bag, info.device, label, data.grid)
+                out = forward_bag(net, bag, info.device, label, data.grid)
             loss = _slide_loss(cfg, model, out, frame, row)
             if not torch.isfinite(loss):
                 raise ValueError(f"{bag.path}: the loss on slide {frame['slide_id'].iat[row]} is not finite "

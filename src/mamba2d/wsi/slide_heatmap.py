@@ -7,11 +7,16 @@ level) of the slide, and writes three files:
     OUT.png       the slide beside the attention overlay, with a colour bar and the prediction
     OUT.csv       x,y,width,height,score per patch (level-0 pixels; the raw attention weights)
     OUT.geojson   the same patches as square tiles with an "attention" measurement, for QuPath
+
+:func:`run_heatmaps` does the same for every slide listed in a CSV, into one output folder.
+A slide that was in the chosen model's training part is flagged (a warning, and in the title):
+its attention shows what the model fitted, not what it would find on a new slide.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,7 @@ from mamba2d.wsi.heatmaps import (
     slide_heatmap,
 )
 
-__all__ = ["find_model_dir", "run_heatmap"]
+__all__ = ["find_model_dir", "run_heatmap", "run_heatmaps", "training_slides"]
 
 _MODEL_DIR = re.compile(r"fold(\d+)_seed(\d+)")
 
@@ -55,13 +60,37 @@ def _ordered(names) -> list[str]:
     return sorted(names, key=lambda n: tuple(int(g) for g in _MODEL_DIR.fullmatch(n).groups()))
 
 
-def _patch_size_from_run(run: Path) -> int | None:
-    """The run's ``--patch-size`` (for feature files that lack it), if it set one."""
+def _run_config(run: Path):
+    """The run's saved TrainConfig, or None for a folder without one."""
     from mamba2d.train.config import TrainConfig
 
     if not (run / "config.yaml").is_file():
         return None
-    return TrainConfig.load(run / "config.yaml").patch_size
+    return TrainConfig.load(run / "config.yaml")
+
+
+def training_slides(run: str | Path, model_dir: Path) -> set[str]:
+    """Slide ids in the training part of the split that ``model_dir`` (``foldK_seedS``) was trained on,
+    ids of cases expanded to their slides through the run's label file when it is still there."""
+    from mamba2d.data.splits import read_split_csv
+
+    run = Path(run)
+    match = _MODEL_DIR.fullmatch(model_dir.name)
+    split_file = run / "splits" / f"splits_{match.group(1)}.csv" if match else None
+    if split_file is None or not split_file.is_file():
+        return set()
+    train = set(read_split_csv(split_file).train)
+    cfg = _run_config(run)
+    if cfg is not None and cfg.labels and Path(cfg.labels).is_file():
+        from mamba2d.data.labels import read_labels
+
+        try:
+            frame = read_labels(cfg.labels, cfg.task, slide_col=cfg.slide_col, label_col=cfg.label_col,
+                                case_col=cfg.case_col).frame
+        except ValueError:
+            return train
+        train |= set(frame.loc[frame["case_id"].isin(train), "slide_id"])
+    return train
 
 
 def run_heatmap(run: str | Path, slide: str | Path, features: str | Path, out: str | Path, *,
@@ -87,13 +116,16 @@ def run_heatmap(run: str | Path, slide: str | Path, features: str | Path, out: s
 
     from mamba2d.train.checkpoint import load_checkpoint
     from mamba2d.train.distributed import pick_device
-    from mamba2d.train.engine import rebuild_model
+    from mamba2d.train.engine import forward_bag, grid_check, rebuild_model
+    from mamba2d.train.rundir import refuse_existing_file
     from mamba2d.wsi.slides import open_slide
 
     run, slide, features, out = Path(run), Path(slide), Path(features), Path(out)
     # Check the cheap options first, so a typo does not cost a model load and a slide read.
     if out.suffix.lower() != ".png":
         raise ValueError(f"{out}: the output must be a .png path (the .csv and .geojson go beside it)")
+    for path in (out, out.with_suffix(".csv"), out.with_suffix(".geojson")):
+        refuse_existing_file(path)
     level = parse_level(level)
     if cmap not in colormaps:
         raise ValueError(f"unknown colour map {cmap!r}; try jet, viridis, inferno, magma, coolwarm")
@@ -108,11 +140,22 @@ def run_heatmap(run: str | Path, slide: str | Path, features: str | Path, out: s
     model_dir = find_model_dir(run, fold_seed)
     dev = pick_device(device)
     card = load_checkpoint(model_dir / "best.pt", map_location=dev)
+    cfg = _run_config(run)
     bag = read_bag(features, patch_size=patch_size)
-    ps = bag.patch_size_level0 if bag.patch_size_level0 is not None else _patch_size_from_run(run)
+    if bag.patch_size_level0 is None and cfg is not None and cfg.patch_size is not None:
+        bag = read_bag(features, patch_size=cfg.patch_size)  # the run's --patch-size
+    ps = bag.patch_size_level0
     if ps is None:
         raise ValueError(f"{features}: no level-0 patch size in the file (nor in {run}/config.yaml); "
                          "pass --patch-size")
+    grid = grid_check(cfg) if cfg is not None else None
+    if grid is not None and card["model_name"] != cfg.model:
+        grid = None
+    in_training = bag.slide_id in training_slides(run, model_dir)
+    if in_training:
+        warnings.warn(f"{bag.slide_id} was in the training part of {model_dir.name}: its attention shows "
+                      f"what the model fitted, not what it finds on unseen slides (pick another fold with "
+                      f"--fold-seed)", stacklevel=2)
     if bag.feature_dim != int(card["in_dim"]):
         raise ValueError(f"{features}: features are {bag.feature_dim} wide but the model in {model_dir} was "
                          f"trained on {int(card['in_dim'])}-wide features (another encoder?)")
@@ -126,7 +169,7 @@ def run_heatmap(run: str | Path, slide: str | Path, features: str | Path, out: s
                              f"at x={x}, y={y}; are these the features of this slide?")
         model = rebuild_model(card, dev)
         with torch.no_grad():
-            result = model(bag.features.to(dev), bag.coords.to(dev).float(), ps)
+            result = forward_bag(model, bag, dev, grid=grid)
         attention = result.attention.float().cpu().numpy().reshape(-1)
         if attention.shape[0] != bag.n_patches:
             raise ValueError(f"{model_dir}: the model returned {attention.shape[0]} attention weights for "
@@ -137,7 +180,7 @@ def run_heatmap(run: str | Path, slide: str | Path, features: str | Path, out: s
 
     prediction = _prediction(card, result)
     name = f"{card['model_name']} {model_dir.name}"
-    title = f"{bag.slide_id} - {name}: {prediction}"
+    title = f"{bag.slide_id} - {name}: {prediction}" + (" [training slide]" if in_training else "")
     scale_label = "attention (percentile)" if scale == "percentile" else "attention / max"
     if blur is not False and blur is not None:
         scale_label += ", blurred"
@@ -148,7 +191,7 @@ def run_heatmap(run: str | Path, slide: str | Path, features: str | Path, out: s
     info: dict[str, Any] = {"slide_id": bag.slide_id, "model": name, "prediction": prediction,
                             "n_patches": bag.n_patches, "downsample": downsample,
                             "canvas": [int(image.shape[1]), int(image.shape[0])],
-                            "png": png, "csv": csv, "geojson": geojson}
+                            "png": png, "csv": csv, "geojson": geojson, "in_training": in_training}
     if result.probs is not None:
         names = card.get("class_names") or [str(k) for k in range(int(card["n_outputs"]))]
         info["probs"] = {c: float(p) for c, p in zip(names, result.probs.float().cpu().tolist(), strict=True)}
@@ -168,3 +211,44 @@ def _prediction(card: dict[str, Any], result) -> str:
     if result.risk is not None:
         return f"risk {float(result.risk):.3f} (higher = shorter survival)"
     return "no prediction"
+
+
+def run_heatmaps(run: str | Path, table: str | Path, out: str | Path, **options: Any) -> list[dict[str, Any]]:
+    """:func:`run_heatmap` for every row of ``table``, a CSV with columns ``slide`` (the slide file)
+    and ``features`` (its bag), and optionally ``slide_id``; relative paths are relative to the CSV.
+    Writes ``out/<slide_id>.png`` (and .csv, .geojson) and ``out/heatmaps.csv`` (one row per slide:
+    prediction, files, whether it was a training slide). ``options``: as :func:`run_heatmap`.
+    A slide that fails is recorded with its error and the others go on; returns the rows."""
+    import pandas as pd
+
+    from mamba2d.data.bags import slide_stem
+    from mamba2d.data.labels import read_table
+    from mamba2d.train.checkpoint import write_text
+    from mamba2d.train.rundir import claim_output_folder, write_marker
+
+    table, out = Path(table), Path(out)
+    frame = read_table(table, what="heatmap slide list")
+    cols = {str(c).strip().lower(): c for c in frame.columns}
+    missing = [c for c in ("slide", "features") if c not in cols]
+    if missing:
+        raise ValueError(f"{table}: needs columns slide and features (and optionally slide_id); missing "
+                         f"{missing}, found {list(frame.columns)}")
+    claim_output_folder(out, "heatmap", inside_forbidden=[run])
+    rows = []
+    for _, rec in frame.iterrows():
+        slide = table.parent / str(rec[cols["slide"]]).strip()
+        features = table.parent / str(rec[cols["features"]]).strip()
+        sid = str(rec[cols["slide_id"]]).strip() if "slide_id" in cols else slide_stem(slide.name)
+        row: dict[str, Any] = {"slide_id": sid, "slide": str(slide), "features": str(features)}
+        try:
+            info = run_heatmap(run, slide, features, out / f"{sid}.png", **options)
+        except (ValueError, FileNotFoundError) as err:
+            row["error"] = str(err)
+            warnings.warn(f"heatmap of {sid} skipped: {err}", stacklevel=2)
+        else:
+            row.update(prediction=info["prediction"], in_training=info["in_training"],
+                       n_patches=info["n_patches"], png=str(info["png"]))
+        rows.append(row)
+    write_text(out / "heatmaps.csv", pd.DataFrame(rows).to_csv(index=False))
+    write_marker(out, "heatmap", "complete")
+    return rows
