@@ -259,7 +259,7 @@ def test_bad_pt_files(tmp_path: Path) -> None:
     coords = write_clam_h5(tmp_path / "c.h5", None, _lattice())
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00\x01 not a torch file")
-    with pytest.raises(BagError, match=r"garbage\.pt: not a readable torch file"):
+    with pytest.raises(BagError, match=r"garbage\.pt: not a readable weights-only torch file"):
         read_bag(garbage, coords_path=coords)
     mapping = tmp_path / "dict.pt"
     torch.save({"features": torch.zeros(N, D)}, mapping)

@@ -611,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as err:
         # Bad input is reported as one line naming the file or field, not a traceback.
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"mamba2d {args.command}: error: {msg}", file=sys.stderr)
+        one_line = " ".join(str(msg).split())  # messages quoting other libraries may hold newlines
+        print(f"mamba2d {args.command}: error: {one_line}", file=sys.stderr)
         return 2
 
 

@@ -243,9 +243,13 @@ def _read_pt(path: Path) -> np.ndarray:
     if not path.is_file():
         raise BagError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        from mamba2d.train.checkpoint import safe_torch_load
+
+        obj = safe_torch_load(path)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for corrupt files alike
-        raise BagError(f"{path}: not a readable torch file: {type(exc).__name__}: {exc}") from exc
+        from mamba2d.train.checkpoint import describe_load_error
+
+        raise BagError(f"{path}: {describe_load_error(exc)}") from exc
     if not isinstance(obj, torch.Tensor):
         raise BagError(f"{path}: expected a (N, D) feature tensor, got {type(obj).__name__}")
     if obj.is_complex() or obj.dtype == torch.bool:

@@ -74,6 +74,29 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda p: torch.save(state, p))
 
 
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary objects.
+
+    torch's warning about a foreign pickle protocol is silenced: the file is refused or read safely
+    either way, and the caller reports which."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def describe_load_error(err: Exception) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``: refused pickles are named as such."""
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError):
+        return ("not a readable weights-only torch file: corrupt, or pickled Python objects, which are never "
+                "unpickled (torch.load weights_only=True)")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"not a readable torch file ({type(err).__name__}: {first})"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`, with ``weights_only=True``.
 
@@ -83,9 +106,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = safe_torch_load(path, map_location)
     except Exception as err:
-        raise ValueError(f"{path}: not a readable mamba2d checkpoint ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{path}: {describe_load_error(err)}") from err
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, found {type(state).__name__}")
     return state

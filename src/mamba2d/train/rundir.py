@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -154,9 +153,8 @@ def _absolute_paths(saved: dict[str, Any], run: Path) -> dict[str, Any]:
     relative to the current working directory (that of the original call is unknown)."""
     out = dict(saved)
     for key in PATH_FIELDS:
-        value = out.get(key)
-        if isinstance(value, str) and value and not os.path.isabs(value):
-            out[key] = str((Path.cwd() / value).resolve())
+        if key in out:
+            out[key] = _resolved(key, out[key])
     if "out" in out:
         out["out"] = str(run.resolve())
     return out
@@ -170,14 +168,18 @@ def absolute_config(cfg: Any) -> None:
     """Resolve the path fields of a configuration dataclass in place (``data`` only when it is a
     folder, since vision-train also takes the name ``fashion-mnist``)."""
     for f in dataclasses.fields(cfg):
-        if f.name not in PATH_FIELDS:
-            continue
-        value = getattr(cfg, f.name)
-        if not isinstance(value, str) or not value:
-            continue
-        if f.name == "data" and not Path(value).exists():
-            continue
-        setattr(cfg, f.name, str(Path(value).expanduser().resolve()))
+        if f.name in PATH_FIELDS:
+            setattr(cfg, f.name, _resolved(f.name, getattr(cfg, f.name)))
+
+
+def _resolved(key: str, value: Any) -> Any:
+    """A path setting made absolute; other values (None, and vision-train's data name
+    ``fashion-mnist`` when no such folder exists) as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    if key == "data" and not Path(value).exists():
+        return value
+    return str(Path(value).expanduser().resolve())
 
 
 @contextmanager
