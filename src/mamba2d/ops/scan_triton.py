@@ -331,6 +331,13 @@ def _row_forward(x: _Args, rp: _RowPlan, softplus: bool, save: bool, out_dtype: 
     return y.to(out_dtype), ck if save else None
 
 
+def _sum_partials(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Sum ``t`` over ``dims``; a view, with no new allocation, when those dims are all of size 1."""
+    if all(t.shape[d] == 1 for d in dims):
+        return t[tuple(0 if d in dims else slice(None) for d in range(t.dim()))]
+    return t.sum(dim=dims)
+
+
 def _row_backward(x: _Args, rp: _RowPlan, softplus: bool, dout: torch.Tensor, ck):
     from mamba2d.ops import triton_kernels as k
 
@@ -374,9 +381,10 @@ def _row_backward(x: _Args, rp: _RowPlan, softplus: bool, dout: torch.Tensor, ck
         num_warps=rp.bwd_warps,
     )
     _log(f"row_bwd(K={rp.K},P={rp.P},seq={rp.seq_bwd})", c3, grid)
-    dA = dA.sum(dim=(0, 2))
-    dD = dD.sum(dim=(0, 2)) if dD is not None else None
-    dbias = dbias.sum(dim=(0, 2, 3)) if dbias is not None else None
+    del stash, lk  # back to the allocator (stream-ordered) before the sums below allocate
+    dA = _sum_partials(dA, (0, 2))
+    dD = _sum_partials(dD, (0, 2)) if dD is not None else None
+    dbias = _sum_partials(dbias, (0, 2, 3)) if dbias is not None else None
     if rp.G > 1:
         du, dd = du.to(x.u.dtype), dd.to(x.delta.dtype)
         dz = dz.to(x.z.dtype) if dz is not None else None
