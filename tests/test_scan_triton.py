@@ -256,3 +256,82 @@ def test_float16_inputs_tiled():
     tile_elems = _tiling_both_axes(2, H, W)
     t = sc.make_inputs(1, 2, 2, H, W, dtype=torch.float16, device=DEVICE, seed=2600)
     _compare(t, True, H, W, 2600, f"fp16 tile_elems={tile_elems}", tile_elems=tile_elems)
+
+
+# Row-streaming (v2) kernels: (K rows per segment, backward programs, two-level forward, whole-item
+# backward units, flip_h, flip_v, transpose). Small K gives several segments: checkpoints (written by
+# the one-pass forward, or by the two-level forward's summary and combine kernels), adjoint
+# checkpoints for (item, segment) backward units, stash reloads. Fewer programs than units makes
+# each backward program take several in turn.
+ROW_PLANS = [(2, 2, True, False, False, False, False), (2, 1, False, True, True, False, False),
+             (3, 2, True, True, False, True, False), (2, 3, False, False, False, False, True),
+             (4, 2, True, False, True, True, True), (1, 5, False, True, False, True, True),
+             (5, 3, True, False, False, False, False), (2, 40, False, False, True, True, False)]
+
+
+@pytest.mark.parametrize("case", ROW_PLANS,
+                         ids=lambda c: "K{}-P{}-2l{:d}-seq{:d}-fh{:d}-fv{:d}-tr{:d}".format(*c))
+def test_row_plans(monkeypatch, case):
+    K, P, two_level, seq, flip_h, flip_v, transpose = case
+    monkeypatch.setattr(scan_triton, "ROW_OVERRIDE", (K, P, two_level, seq))
+    H, W = 5, 6
+    plan = scan_triton.plan_rows(2, H, W, 2 * 4, torch.device(DEVICE))
+    units = 8 if plan.seq_bwd else 8 * plan.n_seg
+    assert (plan.K, plan.P, plan.two_level, plan.seq_bwd) == (K, min(P, units), two_level and plan.n_seg > 1,
+                                                              seq or plan.n_seg == 1)
+    seed = 3000 + ROW_PLANS.index(case)
+    t = sc.make_inputs(2, 4, 2, H, W, groups=2, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, H, W, seed, f"rows {case}", flip_h=flip_h, flip_v=flip_v, transpose=transpose)
+
+
+def test_row_plan_is_the_default():
+    dev = torch.device(DEVICE)
+    assert scan_triton.plan_rows(16, 64, 64, 256, dev) is not None
+    assert scan_triton.plan_rows(16, 8, 600, 4, dev) is None  # too wide: tiled kernels
+    plan = scan_triton.plan_rows(16, 256, 256, 256, dev)
+    assert 1 < plan.K < 256  # checkpoints every K rows, not every row nor none
+    assert (plan.G, plan.two_level, plan.seq_bwd) == (1, False, True)
+    wide = scan_triton.plan_rows(16, 20, 300, 8, dev)
+    assert (wide.G, wide.NB, wide.WP) == (2, 8, 512)  # 16 x 512 rows: two groups of 8 states
+
+
+# (state groups, K, P, two-level, whole-item units, flip_h, flip_v, transpose) with dstate 3 or 5:
+# groups of 2 or 4 states, the last one partly empty; every output added in float32 by the groups.
+GROUP_PLANS = [(2, 2, 3, False, True, False, False, False), (2, 2, 2, True, False, True, True, False),
+               (4, 3, 40, False, True, False, True, True), (2, 5, 1, True, True, True, False, True)]
+
+
+@pytest.mark.parametrize("case", GROUP_PLANS,
+                         ids=lambda c: "G{}-K{}-P{}-2l{:d}-seq{:d}-fh{:d}-fv{:d}-tr{:d}".format(*c))
+def test_row_state_groups(monkeypatch, case):
+    G, K, P, two_level, seq, flip_h, flip_v, transpose = case
+    monkeypatch.setattr(scan_triton, "ROW_GROUPS", G)
+    monkeypatch.setattr(scan_triton, "ROW_OVERRIDE", (K, P, two_level, seq))
+    H, W, dstate = 5, 6, 3 if G == 2 else 5
+    plan = scan_triton.plan_rows(dstate, H, W, 2 * 3, torch.device(DEVICE))
+    assert plan.G == G and plan.NB * G == scan_triton._pow2(dstate)
+    seed = 3050 + GROUP_PLANS.index(case)
+    t = sc.make_inputs(2, 3, dstate, H, W, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, H, W, seed, f"groups {case}", flip_h=flip_h, flip_v=flip_v, transpose=transpose)
+
+
+def test_row_state_groups_without_options(monkeypatch):
+    monkeypatch.setattr(scan_triton, "ROW_GROUPS", 2)
+    seed = 3060
+    t = sc.make_inputs(1, 2, 4, 4, 5, dtype=F32, device=DEVICE, seed=seed, with_D=False, with_z=False,
+                       with_bias=False, softplus=False)
+    _compare(t, False, 4, 5, seed, "groups, no options")
+
+
+def test_row_kernels_float16(monkeypatch):
+    monkeypatch.setattr(scan_triton, "ROW_OVERRIDE", (2, 1, True, False))
+    H, W = 5, 7
+    t = sc.make_inputs(1, 2, 2, H, W, dtype=torch.float16, device=DEVICE, seed=3100)
+    _compare(t, True, H, W, 3100, "fp16 rows", flip_v=True)
+
+
+def test_tiled_kernels_still_selectable(monkeypatch):
+    monkeypatch.setattr(scan_triton, "ROW_KERNELS", False)
+    seed = 3200
+    t = sc.make_inputs(1, 2, 3, 5, 7, dtype=F32, device=DEVICE, seed=seed)
+    _compare(t, True, 5, 7, seed, "v1 default plan", transpose=True)

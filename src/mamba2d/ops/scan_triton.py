@@ -1,9 +1,11 @@
 """Triton backend: launches the fused kernels of ``triton_kernels`` and wires their autograd.
 
-Memory saved for the backward: the inputs and two float32 carry arrays, one number per
-(batch, dim, state) for every tile border crossed by a row or a column:
-dstate * batch * dim * (H * n_tile_cols + W * n_tile_rows) floats. No (batch, dim, dstate, H, W)
-tensor is ever written to device memory.
+Two kernel families (see ``triton_kernels``): row streaming (``plan_rows``; the default where a
+padded row is at most ROW_MAX_WIDTH cells) and tiles (``plan_tiles``; wider rows, or when tile
+settings are given). Memory saved for the backward besides the inputs: row streaming keeps the
+running state every K rows (batch * dim * (ceil(H / K) - 1) rows of dstate x W float32); tiles keep
+two carry arrays, dstate * batch * dim * (H * n_tile_cols + W * n_tile_rows) floats. No
+(batch, dim, dstate, H, W) tensor is ever written to device memory.
 
 States: up to ``MAX_STATES_PER_LAUNCH`` states run in one launch. Larger dstate is split into
 groups of states whose outputs add up (the scan is linear in the states); the D skip and the z
@@ -29,6 +31,11 @@ TILE_OVERRIDE: tuple[int, int] | None = None  # (TH, TW) for experiments; None =
 NUM_WARPS_OVERRIDE: int | None = None  # for experiments
 RELOAD_BC = False  # the backward re-reads B and C for each channel instead of holding them in registers
 LAUNCH_LOG: list[dict] | None = None  # set to [] to record each launch's registers and spills
+ROW_KERNELS = True  # the row-streaming kernels (v2) where the row fits; False: the tiled kernels (v1)
+ROW_MAX_WIDTH = 512  # widest (power-of-two padded) row the row-streaming kernels take
+ROW_OVERRIDE: tuple[int, int, bool, bool] | None = None  # tests: (K, P, two_level, seq_bwd)
+ROW_MAX_ELEMS = 4096  # NB * WP of one program's row; wider rows split the states into groups
+ROW_GROUPS: int | None = None  # force the number of state groups (tests)
 
 
 def _log(name: str, compiled, grid) -> None:
@@ -126,6 +133,86 @@ def _channels_per_program(per_group: int, programs_per_channel: int, partial_byt
     return min(ok)
 
 
+@dataclass(frozen=True)
+class _RowPlan:
+    """Row-streaming launch: NB states x WP columns per row; segments of K rows (scan steps).
+
+    two_level: the forward runs its segments in parallel (summary, combine, main kernels) instead
+    of one program walking all rows of a (batch, channel) item. seq_bwd: a backward unit is a whole
+    item (segments walked last to first, the adjoint carried in registers); otherwise a unit is an
+    (item, segment) pair and the adjoints entering segments come from a summary and a combine
+    kernel. P persistent backward programs, each with a K x NB x WP float32 stash.
+    """
+
+    NB: int
+    WP: int
+    K: int
+    n_seg: int
+    two_level: bool
+    seq_bwd: bool
+    P: int
+    warps: int
+    bwd_warps: int
+    G: int = 1  # groups of NB states per (batch, channel), run by separate programs
+
+    @property
+    def bwd_segments(self) -> int:
+        """Segments per backward unit's partial sums: 1 per item (seq_bwd) or n_seg."""
+        return 1 if self.seq_bwd else self.n_seg
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_rows(dstate: int, height: int, width: int, items: int, device: torch.device) -> _RowPlan | None:
+    """The row-streaming plan for ``items`` (batch * dim) scans, or None when a row is wider
+    than ROW_MAX_WIDTH (the tiled kernels then run).
+
+    From the H200 sweeps (benchmarks/notes_scan_v2.md, benchmarks/results/row_sweep_h200.json):
+    - rows of more than ROW_MAX_ELEMS elements (16 states x 512 columns) split the states into
+      groups run by separate programs (no register spills);
+    - about 16 row elements per thread, one to sixteen warps; the backward takes 8 per thread for
+      rows of 513 to 1024 elements (a 16 x 64 row: with 256 items, 2-warp programs left half of the
+      SMs idle) and for split states;
+    - one forward program walks all rows of an item (writing checkpoints every K rows) and one
+      backward program takes a whole item at a time: splitting rows into segments run in parallel
+      (two-level forward, (item, segment) backward units) measured slower at every benchmark
+      shape, so it is only an option (ROW_OVERRIDE);
+    - P backward programs: a few per SM, at most one per item;
+    - K minimises the memory held: checkpoints (items * (ceil(H/K) - 1) rows) plus stashes
+      (P * K rows).
+    """
+    NB, WP = _pow2(dstate), _pow2(width)
+    if WP > ROW_MAX_WIDTH:
+        return None
+    G = max(1, min(NB, NB * WP // ROW_MAX_ELEMS)) if ROW_GROUPS is None else ROW_GROUPS
+    NB //= G
+    items *= G  # (batch, channel, group) scans from here on
+    elems = NB * WP
+    warps = max(1, min(16, elems // 512))
+    bwd_warps = max(1, min(16, elems // 256)) if (G > 1 or 512 < elems <= 1024) else warps
+    resident = _sm_count(device) * max(1, 16 // bwd_warps)
+
+    def plan(K: int, P: int | None = None, two: bool = False, seq: bool = True) -> _RowPlan:
+        n_seg = -(-height // K)
+        units = items if seq or n_seg == 1 else items * n_seg
+        P = max(1, min(units, resident if P is None else P))
+        return _RowPlan(NB, WP, K, n_seg, two and n_seg > 1, seq or n_seg == 1, P, warps, bwd_warps, G)
+
+    if ROW_OVERRIDE is not None:
+        K, P, two, seq = ROW_OVERRIDE
+        return plan(max(1, min(K, height)), P, two, seq)
+
+    def memory(p: _RowPlan) -> int:
+        return 4 * (items * (p.n_seg - 1) * NB * width + p.P * p.K * NB * WP)
+
+    plans = [plan(k) for k in sorted({k for k in (2, 4, 8, 16, 32, 64) if k < height} | {height})]
+    return min(plans, key=lambda p: (memory(p), -p.K))
+
+
 class _Args:
     """Kernel-ready views: B and C grouped, strides unpacked, optional tensors replaced by dummies."""
 
@@ -140,6 +227,9 @@ class _Args:
         self.H, self.W = layout.height, layout.width
         self.layout = layout
         self.plan = plan_tiles(self.N, self.H, self.W, tile_elems)
+        # Explicit tile settings (tile_elems, TILE_OVERRIDE) ask for the tiled kernels.
+        rows = ROW_KERNELS and tile_elems is None and TILE_OVERRIDE is None
+        self.rows = plan_rows(self.N, self.H, self.W, self.batch * self.dim, u.device) if rows else None
         self.dummy = torch.empty(1, dtype=torch.float32, device=u.device)
         # Axis 2 of a tile is horizontal, axis 1 vertical.
         self.AX1 = 1 if layout.transpose else 2
@@ -189,6 +279,116 @@ def _carries(k, x: _Args, out_grad, axis, adjoint, softplus, fwd_rev):
     )
     _log(f"carry(axis={axis},adjoint={adjoint})", ck, grid)
     return buf
+
+
+def _row_flags(x: _Args, rp: _RowPlan, softplus: bool) -> dict:
+    return dict(NB=rp.NB, WP=rp.WP, K=rp.K, G=rp.G, TRANSPOSE=x.layout.transpose, REV_H=x.layout.flip_h,
+                REV_V=x.layout.flip_v, HAS_BIAS=x.bias is not None, SOFTPLUS=bool(softplus))
+
+
+def _row_combine(k, x: _Args, rp: _RowPlan, q, sdt, adjoint: bool) -> None:
+    grid = (x.batch * x.dim, x.N)
+    ck = k._row_combine_kernel[grid](q, sdt, x.A, x.dim, x.N, x.W, rp.n_seg, *x.A.stride(), WP=rp.WP,
+                                     ADJOINT=adjoint, num_warps=max(1, min(4, rp.WP // 128)))
+    _log(f"row_combine(adjoint={adjoint})", ck, grid)
+
+
+def _row_forward(x: _Args, rp: _RowPlan, softplus: bool, save: bool, out_dtype: torch.dtype):
+    """y, and the checkpoints (states entering segments 1..n_seg-1) when saved or needed."""
+    from mamba2d.ops import triton_kernels as k
+
+    items = x.batch * x.dim
+    dev = x.u.device
+    n_ckpt = rp.n_seg - 1
+    ck = None
+    if n_ckpt > 0 and (save or rp.two_level):
+        ck = _alloc((items, n_ckpt, x.N, x.W), torch.float32, dev)
+    common = (x.dim, x.N, x.H, x.W, x.per_group)
+    if rp.two_level:
+        sdt = _alloc((items, rp.n_seg, rp.WP), torch.float32, dev)
+        grid = (items * rp.G, n_ckpt)
+        c1 = k._row_fwd_sum_kernel[grid](
+            x.u, x.delta, x.A, x.B, x.bias if x.bias is not None else x.dummy, ck, sdt, *common, rp.n_seg,
+            *x.u.stride(), *x.delta.stride(), *x.bc_strides()[:4], *x.A.stride(),
+            **_row_flags(x, rp, softplus), num_warps=rp.warps,
+        )
+        _log(f"row_fwd_sum(K={rp.K})", c1, grid)
+        _row_combine(k, x, rp, ck, sdt, adjoint=False)
+    if rp.G > 1:  # the groups' shares are added in float32
+        y = torch.zeros((x.batch, x.dim, x.L), dtype=torch.float32, device=dev)
+    else:
+        y = _alloc((x.batch, x.dim, x.L), out_dtype, dev)
+    grid = (items * rp.G, rp.n_seg if rp.two_level else 1)
+    c3 = k._row_fwd_kernel[grid](
+        x.u, x.delta, x.opt(x.z), x.A, x.B, x.C, x.opt(x.D), x.opt(x.bias), x.opt(ck), y,
+        *common, n_ckpt,
+        *x.u.stride(), *x.delta.stride(), *x.z_strides(), *x.bc_strides(),
+        KF=rp.K if rp.two_level else x.H, HAS_D=x.D is not None, HAS_Z=x.z is not None,
+        LOAD_START=rp.two_level, SAVE=ck is not None and not rp.two_level,
+        **_row_flags(x, rp, softplus), num_warps=rp.warps,
+    )
+    _log(f"row_fwd(K={rp.K},two_level={rp.two_level})", c3, grid)
+    return y.to(out_dtype), ck if save else None
+
+
+def _sum_partials(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Sum ``t`` over ``dims``; a view, with no new allocation, when those dims are all of size 1."""
+    if all(t.shape[d] == 1 for d in dims):
+        return t[tuple(0 if d in dims else slice(None) for d in range(t.dim()))]
+    return t.sum(dim=dims)
+
+
+def _row_backward(x: _Args, rp: _RowPlan, softplus: bool, dout: torch.Tensor, ck):
+    from mamba2d.ops import triton_kernels as k
+
+    dev = x.u.device
+    f32 = torch.float32
+    items = x.batch * x.dim
+    units = items * rp.G * rp.bwd_segments
+    common = (x.dim, x.N, x.H, x.W, x.per_group)
+    lk = None
+    if not rp.seq_bwd:
+        lk = _alloc((items, rp.n_seg - 1, x.N, x.W), f32, dev)
+        sdt = _alloc((items, rp.n_seg, rp.WP), f32, dev)
+        grid = (items * rp.G, rp.n_seg - 1)
+        c1 = k._row_adj_sum_kernel[grid](
+            x.delta, x.opt(x.z), dout, x.A, x.C, x.opt(x.bias), lk, sdt, *common, rp.n_seg,
+            *x.delta.stride(), *x.z_strides(), *dout.stride(), *x.bc_strides()[4:],
+            HAS_Z=x.z is not None, **_row_flags(x, rp, softplus), num_warps=rp.warps,
+        )
+        _log(f"row_adj_sum(K={rp.K})", c1, grid)
+        _row_combine(k, x, rp, lk, sdt, adjoint=True)
+    shape = (x.batch, x.dim, x.L)
+    if rp.G > 1:  # the groups' shares are added in float32
+        du, dd = torch.zeros(shape, dtype=f32, device=dev), torch.zeros(shape, dtype=f32, device=dev)
+        dz = torch.zeros(shape, dtype=f32, device=dev) if x.z is not None else None
+    else:
+        du, dd = _alloc(shape, x.u.dtype, dev), _alloc(shape, x.delta.dtype, dev)
+        dz = _alloc(shape, x.z.dtype, dev) if x.z is not None else None
+    dA = _alloc((x.batch, x.dim, rp.bwd_segments, x.N), f32, dev)
+    dD = _alloc((x.batch, x.dim, rp.bwd_segments), f32, dev) if x.D is not None else None
+    dbias = _alloc((x.batch, x.dim, rp.bwd_segments, rp.G), f32, dev) if x.bias is not None else None
+    dB = torch.zeros((x.batch, x.groups, x.N, x.L), dtype=f32, device=dev)  # atomic sums over channels
+    dC = torch.zeros((x.batch, x.groups, x.N, x.L), dtype=f32, device=dev)
+    stash = torch.empty((rp.P, rp.K, rp.NB, rp.WP), dtype=f32, device=dev)
+    grid = (rp.P,)
+    c3 = k._row_bwd_kernel[grid](
+        x.u, x.delta, x.opt(x.z), dout, x.A, x.B, x.C, x.opt(x.D), x.opt(x.bias), x.opt(ck), x.opt(lk), stash,
+        du, dd, x.opt(dz), dA, x.opt(dD), x.opt(dbias), dB, dC,
+        *common, rp.n_seg, units,
+        *x.u.stride(), *x.delta.stride(), *x.z_strides(), *dout.stride(), *x.bc_strides(),
+        HAS_D=x.D is not None, HAS_Z=x.z is not None, SEQ=rp.seq_bwd, **_row_flags(x, rp, softplus),
+        num_warps=rp.bwd_warps,
+    )
+    _log(f"row_bwd(K={rp.K},P={rp.P},seq={rp.seq_bwd})", c3, grid)
+    del stash, lk  # back to the allocator (stream-ordered) before the sums below allocate
+    dA = _sum_partials(dA, (0, 2))
+    dD = _sum_partials(dD, (0, 2)) if dD is not None else None
+    dbias = _sum_partials(dbias, (0, 2, 3)) if dbias is not None else None
+    if rp.G > 1:
+        du, dd = du.to(x.u.dtype), dd.to(x.delta.dtype)
+        dz = dz.to(x.z.dtype) if dz is not None else None
+    return du, dd, dA, dB, dC, dD, dz, dbias
 
 
 def _forward(x: _Args, softplus: bool, save: bool, out_dtype: torch.dtype):
@@ -269,7 +469,11 @@ class _TritonScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout, out_dtype, tile_elems):
         x = _Args(u, delta, A, B, C, D, z, delta_bias, layout, tile_elems)
         save = any(ctx.needs_input_grad[:8])  # only then keep the second-pass carries
-        y, ch, cv = _forward(x, delta_softplus, save, out_dtype)
+        if x.rows is not None:
+            y, ck = _row_forward(x, x.rows, delta_softplus, save, out_dtype)
+            ch, cv = ck, None
+        else:
+            y, ch, cv = _forward(x, delta_softplus, save, out_dtype)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ch, cv)
         ctx.delta_softplus = delta_softplus
         ctx.layout = layout
@@ -280,7 +484,10 @@ class _TritonScanFn(torch.autograd.Function):
     def backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias, ch, cv = ctx.saved_tensors
         x = _Args(u, delta, A, B, C, D, z, delta_bias, ctx.layout, ctx.tile_elems)
-        du, dd, dA, dB, dC, dD, dz, dbias = _backward(x, ctx.delta_softplus, dout, ch, cv)
+        if x.rows is not None:
+            du, dd, dA, dB, dC, dD, dz, dbias = _row_backward(x, x.rows, ctx.delta_softplus, dout, ch)
+        else:
+            du, dd, dA, dB, dC, dD, dz, dbias = _backward(x, ctx.delta_softplus, dout, ch, cv)
 
         def cast(g, like):
             return None if g is None else g.to(like.dtype)
@@ -310,4 +517,4 @@ def selective_scan_2d_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus
     return y.to(u.dtype)
 
 
-__all__ = ["plan_tiles", "selective_scan_2d_triton", "triton_available"]
+__all__ = ["plan_rows", "plan_tiles", "selective_scan_2d_triton", "triton_available"]

@@ -449,3 +449,438 @@ def _bwd_kernel(
         out = (((part * batch + b) * groups + grp) * N + n[:, None, None]) * L + cell[None, :, :]
         tl.store(dB_ptr + out, dB_acc, mask=m3)
         tl.store(dC_ptr + out, dC_acc, mask=m3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-streaming kernels (v2). A program holds one grid row of one (batch, channel) for all states
+# as an [NB, WP] register block (WP = W rounded up to a power of two) and walks rows in scan
+# order. The vertical pass is then an elementwise running update from row to row; only the
+# horizontal pass is an in-row scan:
+#   default (TRANSPOSE=0): g = hscan(a, x) in the row, run = a * run + g  (run is h);
+#   TRANSPOSE=1:           run = a * run + x  (run is g),    h = hscan(a, run).
+# ``run`` is the only state carried between rows, so the rows split into segments of K rows
+# (scan steps) joined by one [N, W] state each, as in a two-level scan:
+#   - ``_row_fwd_sum_kernel`` runs each segment from a zero state and stores its end state; over
+#     K rows the map is run_out = P * run_in + Q with P = exp2(A log2(e) * sum of Δ) per column,
+#     so only Q and the column sums of Δ are kept;
+#   - ``_row_combine_kernel`` chains the segments (a short serial loop per (item, state)), turning
+#     Q into the state entering each segment: the checkpoints the backward keeps;
+#   - ``_row_fwd_kernel`` runs every segment from its checkpoint and writes y.
+# With one segment per forward program instead (many (batch, channel) items), the forward walks
+# all rows and writes the checkpoints on its way.
+# The backward does the same for the adjoint of ``run`` (``_row_adj_sum_kernel`` and the combine
+# in reverse), then ``_row_bwd_kernel`` takes (item, segment) units: it recomputes the segment's
+# running states from its checkpoint into a per-program stash, walks back through the segment
+# with both adjoints, writes du, ddelta, dz and per-unit sums of dA, dD, ddelta_bias, and adds dB
+# and dC over channels with float32 atomics.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_cells(i, W, WP: tl.constexpr):
+    """Columns, column mask and flat cell index of grid row i."""
+    cols = tl.arange(0, WP)
+    jj = tl.max_contiguous(tl.multiple_of(cols, 4), 4)  # runs of 4 contiguous cells (see _tile_cells)
+    mcol = jj < W
+    return jj, mcol, i * W + jj
+
+
+@triton.jit
+def _row_inputs(d_row, u_row, B_row, jj, mcol, n, nmask, a2, bias, s_dl, s_ul, s_Bn, s_Bl,
+                SOFTPLUS: tl.constexpr):
+    """One row's Δ (after bias/softplus), raw Δ, u, decays a [NB, WP] and B [NB, WP].
+
+    Outside the grid a = 1 and B = 0, so padded columns and absent states hold zeros.
+    """
+    dt, raw = _delta(d_row, jj * s_dl, mcol, bias, SOFTPLUS)
+    uu = tl.load(u_row + jj * s_ul, mask=mcol, other=0.0).to(tl.float32)
+    m2 = nmask[:, None] & mcol[None, :]
+    Bm = tl.load(B_row + n[:, None] * s_Bn + jj[None, :] * s_Bl, mask=m2, other=0.0).to(tl.float32)
+    a = tl.where(m2, tl.exp2(dt[None, :] * a2[:, None]), 1.0)
+    return dt, raw, uu, a, Bm, m2
+
+
+@triton.jit
+def _row_scan(a, x, REV: tl.constexpr):
+    _, s = tl.associative_scan((a, x), 1, _combine, reverse=REV)
+    return s
+
+
+@triton.jit
+def _row_item(ig, dim, per_group, N, G: tl.constexpr, NB: tl.constexpr):
+    """Split ig = item * G + group: (item = batch * dim + channel, group, batch, channel, B/C group,
+    the group's state indices [NB] and their mask)."""
+    bc = ig // G
+    sg = ig % G
+    c = bc % dim
+    n = sg * NB + tl.arange(0, NB)
+    return bc, sg, bc // dim, c, c // per_group, n, n < N
+
+
+@triton.jit
+def _advance(run, a, x, TRANSPOSE: tl.constexpr, REV_H: tl.constexpr):
+    """The running (vertical-pass) state after one more row: a * run + x (TRANSPOSE, the vertical
+    pass first) or a * run + hscan(a, x) (the horizontal pass first)."""
+    if TRANSPOSE:
+        return a * run + x
+    return a * run + _row_scan(a, x, REV_H)
+
+
+@triton.jit
+def _row_of(step, H, REV_V: tl.constexpr):
+    return H - 1 - step if REV_V else step
+
+
+@triton.jit
+def _row_dy(dout_ptr, z_ptr, b, c, cell, mcol, s_ob, s_od, s_ol, s_zb, s_zd, s_zl, HAS_Z: tl.constexpr):
+    """Upstream gradient of y on one row (through the gate): (dy, dout, z)."""
+    dout = tl.load(dout_ptr + b * s_ob + c * s_od + cell * s_ol, mask=mcol, other=0.0).to(tl.float32)
+    zz = dout
+    dy = dout
+    if HAS_Z:
+        zz = tl.load(z_ptr + b * s_zb + c * s_zd + cell * s_zl, mask=mcol, other=0.0).to(tl.float32)
+        dy = dout * zz / (1.0 + tl.exp(-zz))
+    return dy, dout, zz
+
+
+@triton.jit
+def _succ_decay(d_row, jj, W, s_dl, bias, a2, nmask, REV_H: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Decay of each cell's successor along the row in the horizontal pass (0 past the edge)."""
+    if REV_H:
+        js = jj - 1
+    else:
+        js = jj + 1
+    ms = (js >= 0) & (js < W)
+    dts, raws = _delta(d_row, js * s_dl, ms, bias, SOFTPLUS)
+    return tl.where(nmask[:, None] & ms[None, :], tl.exp2(dts[None, :] * a2[:, None]), 0.0)
+
+
+@triton.jit
+def _row_fwd_sum_kernel(
+    u_ptr, d_ptr, A_ptr, Bm_ptr, bias_ptr, q_ptr, sdt_ptr,
+    dim, N, H, W, per_group, n_seg,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Bb, s_Bg, s_Bn, s_Bl, s_Ad, s_An,
+    NB: tl.constexpr, WP: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+    TRANSPOSE: tl.constexpr, REV_H: tl.constexpr, REV_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    """End state of segment ``seg`` run from zero (into q slot seg) and its column sums of Δ.
+
+    q: (items, n_seg - 1, N, W); sdt: (items, n_seg, WP). Grid: (items * G, n_seg - 1): G groups
+    of NB states per item.
+    """
+    bc, sg, b, c, grp, n, nmask = _row_item(tl.program_id(0), dim, per_group, N, G, NB)
+    seg = tl.program_id(1)
+    a2, bias = _channel_params(A_ptr, bias_ptr, c, n, nmask, s_Ad, s_An, HAS_BIAS)
+    d_base = d_ptr + b * s_db + c * s_dd
+    u_base = u_ptr + b * s_ub + c * s_ud
+    B_base = Bm_ptr + b * s_Bb + grp * s_Bg
+    run = tl.zeros([NB, WP], dtype=tl.float32)
+    sdt = tl.zeros([WP], dtype=tl.float32)
+    jj = tl.arange(0, WP)
+    for step in range(seg * K, tl.minimum(seg * K + K, H)):
+        i = _row_of(step, H, REV_V)
+        jj, mcol, cell = _row_cells(i, W, WP)
+        dt, raw, uu, a, Bm, m2 = _row_inputs(d_base + i * W * s_dl, u_base + i * W * s_ul,
+                                             B_base + i * W * s_Bl, jj, mcol, n, nmask, a2, bias,
+                                             s_dl, s_ul, s_Bn, s_Bl, SOFTPLUS)
+        run = _advance(run, a, Bm * (dt * uu)[None, :], TRANSPOSE, REV_H)
+        sdt += dt
+    mk = nmask[:, None] & (jj < W)[None, :]
+    tl.store(q_ptr + ((bc * (n_seg - 1) + seg) * N + n[:, None]) * W + jj[None, :], run, mask=mk)
+    tl.store(sdt_ptr + (bc * n_seg + seg) * WP + jj, sdt)
+
+
+@triton.jit
+def _row_adj_sum_kernel(
+    d_ptr, z_ptr, dout_ptr, A_ptr, Cm_ptr, bias_ptr, q_ptr, sdt_ptr,
+    dim, N, H, W, per_group, n_seg,
+    s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol, s_Cb, s_Cg, s_Cn, s_Cl, s_Ad, s_An,
+    NB: tl.constexpr, WP: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
+    TRANSPOSE: tl.constexpr, REV_H: tl.constexpr, REV_V: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    """Adjoint of ``run`` leaving segment ``seg`` upwards (a of its first row times the adjoint
+    there), run from zero below it, into q slot seg - 1; and the segment's column sums of Δ.
+
+    q: (items, n_seg - 1, N, W); sdt: (items, n_seg, WP). Grid: (items * G, n_seg - 1),
+    seg = 1 + pid.
+    """
+    bc, sg, b, c, grp, n, nmask = _row_item(tl.program_id(0), dim, per_group, N, G, NB)
+    seg = tl.program_id(1) + 1
+    a2, bias = _channel_params(A_ptr, bias_ptr, c, n, nmask, s_Ad, s_An, HAS_BIAS)
+    d_base = d_ptr + b * s_db + c * s_dd
+    C_base = Cm_ptr + b * s_Cb + grp * s_Cg
+    lam = tl.zeros([NB, WP], dtype=tl.float32)
+    a = tl.zeros([NB, WP], dtype=tl.float32)
+    sdt = tl.zeros([WP], dtype=tl.float32)
+    s0 = seg * K
+    s1 = tl.minimum(s0 + K, H)
+    jj = tl.arange(0, WP)
+    for sb in range(s1 - s0):
+        i = _row_of(s1 - 1 - sb, H, REV_V)
+        jj, mcol, cell = _row_cells(i, W, WP)
+        m2 = nmask[:, None] & mcol[None, :]
+        dt, raw = _delta(d_base + i * W * s_dl, jj * s_dl, mcol, bias, SOFTPLUS)
+        dy, dout, zz = _row_dy(dout_ptr, z_ptr, b, c, cell, mcol, s_ob, s_od, s_ol, s_zb, s_zd, s_zl, HAS_Z)
+        Cm = tl.load(C_base + n[:, None] * s_Cn + cell[None, :] * s_Cl, mask=m2, other=0.0).to(tl.float32)
+        src = Cm * dy[None, :]
+        if TRANSPOSE:
+            a_h = _succ_decay(d_base + i * W * s_dl, jj, W, s_dl, bias, a2, nmask, REV_H, SOFTPLUS)
+            src = _row_scan(a_h, src, not REV_H)
+        lam = src + a * lam  # a: decay of the row below (visited before this one)
+        a = tl.where(m2, tl.exp2(dt[None, :] * a2[:, None]), 1.0)
+        sdt += dt
+    mk = nmask[:, None] & (jj < W)[None, :]
+    tl.store(q_ptr + ((bc * (n_seg - 1) + seg - 1) * N + n[:, None]) * W + jj[None, :], a * lam, mask=mk)
+    tl.store(sdt_ptr + (bc * n_seg + seg) * WP + jj, sdt)
+
+
+@triton.jit
+def _row_combine_kernel(q_ptr, sdt_ptr, A_ptr, dim, N, W, n_seg, s_Ad, s_An,
+                        WP: tl.constexpr, ADJOINT: tl.constexpr):
+    """Chain the segments of one (item, state): q slot t becomes the state entering segment t + 1
+    (forward: e = P_t e + Q_t in segment order) or the adjoint entering segment t from below
+    (ADJOINT: e = P_(t+1) e + Q_(t+1) from the bottom), with P_s = exp2(A log2(e) * column sums
+    of Δ over segment s). Grid: (items, N).
+    """
+    bc = tl.program_id(0)
+    nn = tl.program_id(1)
+    c = bc % dim
+    a2 = tl.load(A_ptr + c * s_Ad + nn * s_An).to(tl.float32) * 1.4426950408889634
+    jj = tl.arange(0, WP)
+    m = jj < W
+    e = tl.zeros([WP], dtype=tl.float32)
+    for k in range(n_seg - 1):
+        t = n_seg - 2 - k if ADJOINT else k
+        P = tl.exp2(a2 * tl.load(sdt_ptr + (bc * n_seg + t + ADJOINT) * WP + jj))
+        off = ((bc * (n_seg - 1) + t) * N + nn) * W + jj
+        e = P * e + tl.load(q_ptr + off, mask=m, other=0.0)
+        tl.store(q_ptr + off, e, mask=m)
+
+
+@triton.jit
+def _row_fwd_kernel(
+    u_ptr, d_ptr, z_ptr, A_ptr, Bm_ptr, Cm_ptr, D_ptr, bias_ptr, ck_ptr, y_ptr,
+    dim, N, H, W, per_group, n_ckpt,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_Ad, s_An,
+    NB: tl.constexpr, WP: tl.constexpr, K: tl.constexpr, KF: tl.constexpr, G: tl.constexpr,
+    TRANSPOSE: tl.constexpr, REV_H: tl.constexpr, REV_V: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    LOAD_START: tl.constexpr, SAVE: tl.constexpr,
+):
+    """y for scan steps [seg * KF, seg * KF + KF) of one (batch, channel).
+
+    LOAD_START: the state entering the segment is checkpoint seg - 1 (from _row_combine_kernel).
+    SAVE: write checkpoint s, the state after step (s + 1) * K - 1, on the way (one segment).
+    Checkpoints are (batch * dim, n_ckpt, N, W) float32; y is (batch, dim, L) contiguous. With
+    G > 1 groups of NB states each program adds its group's share into a zeroed float32 y
+    (the D skip in group 0); the gate is linear in y, so each share is gated.
+    Grid: (batch * dim * G, number of segments).
+    """
+    bc, sg, b, c, grp, n, nmask = _row_item(tl.program_id(0), dim, per_group, N, G, NB)
+    seg = tl.program_id(1)
+    a2, bias = _channel_params(A_ptr, bias_ptr, c, n, nmask, s_Ad, s_An, HAS_BIAS)
+    dskip = 0.0
+    if HAS_D:
+        dskip = tl.where(sg == 0, tl.load(D_ptr + c).to(tl.float32), 0.0)
+    d_base = d_ptr + b * s_db + c * s_dd
+    u_base = u_ptr + b * s_ub + c * s_ud
+    B_base = Bm_ptr + b * s_Bb + grp * s_Bg
+    C_base = Cm_ptr + b * s_Cb + grp * s_Cg
+    jj0, mcol0, cell0 = _row_cells(0, W, WP)
+    mk = nmask[:, None] & mcol0[None, :]
+    run = tl.zeros([NB, WP], dtype=tl.float32)
+    if LOAD_START:
+        if seg > 0:
+            run = tl.load(ck_ptr + ((bc * n_ckpt + seg - 1) * N + n[:, None]) * W + jj0[None, :], mask=mk,
+                          other=0.0)
+    for step in range(seg * KF, tl.minimum(seg * KF + KF, H)):
+        i = _row_of(step, H, REV_V)
+        jj, mcol, cell = _row_cells(i, W, WP)
+        dt, raw, uu, a, Bm, m2 = _row_inputs(d_base + i * W * s_dl, u_base + i * W * s_ul,
+                                             B_base + i * W * s_Bl, jj, mcol, n, nmask, a2, bias,
+                                             s_dl, s_ul, s_Bn, s_Bl, SOFTPLUS)
+        x = Bm * (dt * uu)[None, :]
+        if TRANSPOSE:
+            run = a * run + x
+            h = _row_scan(a, run, REV_H)
+        else:
+            run = a * run + _row_scan(a, x, REV_H)
+            h = run
+        if SAVE:
+            if step % K == K - 1:
+                if step // K < n_ckpt:
+                    off = ((bc * n_ckpt + step // K) * N + n[:, None]) * W + jj[None, :]
+                    tl.store(ck_ptr + off, run, mask=m2)
+        Cm = tl.load(C_base + n[:, None] * s_Cn + cell[None, :] * s_Cl, mask=m2, other=0.0).to(tl.float32)
+        y = tl.sum(Cm * h, axis=0)
+        if HAS_D:
+            y = y + dskip * uu
+        if HAS_Z:
+            zz = tl.load(z_ptr + b * s_zb + c * s_zd + cell * s_zl, mask=mcol, other=0.0).to(tl.float32)
+            y = y * zz / (1.0 + tl.exp(-zz))
+        if G > 1:
+            tl.atomic_add(y_ptr + bc * H * W + cell, y, mask=mcol, sem="relaxed")
+        else:
+            tl.store(y_ptr + bc * H * W + cell, y, mask=mcol)
+
+
+@triton.jit
+def _row_bwd_kernel(
+    u_ptr, d_ptr, z_ptr, dout_ptr, A_ptr, Bm_ptr, Cm_ptr, D_ptr, bias_ptr, ck_ptr, lk_ptr, stash_ptr,
+    du_ptr, dd_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
+    dim, N, H, W, per_group, n_seg, n_units,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_Ad, s_An,
+    NB: tl.constexpr, WP: tl.constexpr, K: tl.constexpr,
+    TRANSPOSE: tl.constexpr, REV_H: tl.constexpr, REV_V: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SEQ: tl.constexpr, G: tl.constexpr,
+):
+    """Backward of units taken by a persistent grid of P programs (units pid, pid + P, ...).
+
+    SEQ: a unit is one (batch, channel) item, whose segments the program walks from the last to
+    the first, carrying the adjoint in registers. Otherwise a unit is (item, segment),
+    unit = item * n_seg + seg, and the adjoint entering from below comes from lk. With G > 1
+    groups of NB states, "item" is (batch, channel, group) and du, ddelta, dz are float32 sums
+    over the groups (atomic adds into zeroed buffers; the D terms in group 0).
+
+    ck: forward states entering segments 1.. (items, n_seg - 1, N, W); lk: adjoints entering
+    segments 0..n_seg-2 from below, already multiplied by the decay of the row below them.
+    stash: (P, K, NB, WP) float32, each program's running states of its current segment.
+    Writes du, ddelta, dz ((batch, dim, L) contiguous); dA (n_units, N), dD and dbias (n_units,);
+    adds into dB, dC ((batch, groups, N, L) float32, zeroed).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    L = H * W
+    stash = stash_ptr + pid * K * NB * WP + tl.arange(0, NB)[:, None] * WP + tl.arange(0, WP)[None, :]
+    jj0, mcol0, cell0 = _row_cells(0, W, WP)
+    n_segs = 1 if SEQ else n_seg  # partial sums per item and group
+    for unit in range(pid, n_units, nprog):
+        if SEQ:
+            ig = unit
+            seg_hi = n_seg
+            seg_lo = 0
+        else:
+            ig = unit // n_seg
+            seg_lo = unit % n_seg
+            seg_hi = seg_lo + 1
+        bc, sg, b, c, grp, n, nmask = _row_item(ig, dim, per_group, N, G, NB)
+        mk = nmask[:, None] & mcol0[None, :]
+        a_row = tl.load(A_ptr + c * s_Ad + n * s_An, mask=nmask, other=0.0).to(tl.float32)
+        a2 = a_row * 1.4426950408889634
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + c).to(tl.float32)
+        dskip = 0.0
+        if HAS_D:
+            dskip = tl.where(sg == 0, tl.load(D_ptr + c).to(tl.float32), 0.0)
+        d_base = d_ptr + b * s_db + c * s_dd
+        u_base = u_ptr + b * s_ub + c * s_ud
+        B_base = Bm_ptr + b * s_Bb + grp * s_Bg
+        C_base = Cm_ptr + b * s_Cb + grp * s_Cg
+        dBC_base = (b * (dim // per_group) + grp) * N * L
+        # The adjoint of the running state entering from below, already times the decay there.
+        lam = tl.zeros([NB, WP], dtype=tl.float32)
+        if seg_hi < n_seg:
+            lam = tl.load(lk_ptr + ((bc * (n_seg - 1) + seg_hi - 1) * N + n[:, None]) * W + jj0[None, :],
+                          mask=mk, other=0.0)
+        a_next = tl.full([NB, WP], 1.0, dtype=tl.float32)
+        dA_acc = tl.zeros([NB, WP], dtype=tl.float32)
+        dD_acc = tl.zeros([WP], dtype=tl.float32)
+        dbias_acc = tl.zeros([WP], dtype=tl.float32)
+        for sr in range(seg_hi - seg_lo):
+            seg = seg_hi - 1 - sr
+            s0 = seg * K
+            s1 = tl.minimum(s0 + K, H)
+            start = tl.zeros([NB, WP], dtype=tl.float32)
+            if seg > 0:
+                start = tl.load(ck_ptr + ((bc * (n_seg - 1) + seg - 1) * N + n[:, None]) * W + jj0[None, :],
+                                mask=mk, other=0.0)
+            # Recompute the segment's running states into the stash.
+            run = start
+            for step in range(s0, s1):
+                i = _row_of(step, H, REV_V)
+                jj, mcol, cell = _row_cells(i, W, WP)
+                dt, raw, uu, a, Bm, m2 = _row_inputs(d_base + i * W * s_dl, u_base + i * W * s_ul,
+                                                     B_base + i * W * s_Bl, jj, mcol, n, nmask, a2, bias,
+                                                     s_dl, s_ul, s_Bn, s_Bl, SOFTPLUS)
+                run = _advance(run, a, Bm * (dt * uu)[None, :], TRANSPOSE, REV_H)
+                tl.store(stash + (step - s0) * NB * WP, run)
+            tl.debug_barrier()  # the stash rows are visible to every thread
+            for sb in range(s1 - s0):
+                step = s1 - 1 - sb
+                i = _row_of(step, H, REV_V)
+                jj, mcol, cell = _row_cells(i, W, WP)
+                d_row = d_base + i * W * s_dl
+                dt, raw, uu, a, Bm, m2 = _row_inputs(d_row, u_base + i * W * s_ul, B_base + i * W * s_Bl, jj,
+                                                     mcol, n, nmask, a2, bias, s_dl, s_ul, s_Bn, s_Bl,
+                                                     SOFTPLUS)
+                run_t = tl.load(stash + (step - s0) * NB * WP)
+                if step > s0:
+                    run_p = tl.load(stash + (step - s0 - 1) * NB * WP)
+                else:
+                    run_p = start
+                Cm = tl.load(C_base + n[:, None] * s_Cn + cell[None, :] * s_Cl, mask=m2,
+                             other=0.0).to(tl.float32)
+                dy, dout, zz = _row_dy(dout_ptr, z_ptr, b, c, cell, mcol, s_ob, s_od, s_ol, s_zb, s_zd, s_zl,
+                                       HAS_Z)
+                if TRANSPOSE:
+                    g = run_t
+                    ag = a * run_p  # a * g of the previous row: g - x
+                    h = _row_scan(a, g, REV_H)
+                    ah = h - g
+                else:
+                    h = run_t
+                    ah = a * run_p  # a * h of the previous row: h - g
+                    g = h - ah
+                    ag = g - Bm * (dt * uu)[None, :]
+                out_off = (b * dim + c) * L + cell
+                if HAS_Z:
+                    sig = 1.0 / (1.0 + tl.exp(-zz))
+                    y = tl.sum(Cm * h, axis=0) + dskip * uu
+                    dzv = dout * y * sig * (1.0 + zz * (1.0 - sig))
+                    if G > 1:
+                        tl.atomic_add(dz_ptr + out_off, dzv, mask=mcol, sem="relaxed")
+                    else:
+                        tl.store(dz_ptr + out_off, dzv, mask=mcol)
+                a_h = _succ_decay(d_row, jj, W, s_dl, bias, a2, nmask, REV_H, SOFTPLUS)
+                if TRANSPOSE:
+                    lam2 = _row_scan(a_h, Cm * dy[None, :], not REV_H)
+                    lam = lam2 + a_next * lam
+                    lam1 = lam
+                else:
+                    lam = Cm * dy[None, :] + a_next * lam
+                    lam2 = lam
+                    lam1 = _row_scan(a_h, lam2, not REV_H)
+                a_next = a
+                dlog = tl.where(m2, ah * lam2 + ag * lam1, 0.0)
+                dA_acc += dlog * dt[None, :]
+                lam_b = tl.sum(lam1 * Bm, axis=0)
+                ddt = tl.sum(dlog * a_row[:, None], axis=0) + lam_b * uu
+                du = lam_b * dt + dskip * dy
+                if SOFTPLUS:
+                    ddt = ddt / (1.0 + tl.exp(-raw))
+                ddt = tl.where(mcol, ddt, 0.0)
+                dD_acc += tl.where(mcol, dy * uu, 0.0)
+                dbias_acc += ddt
+                if G > 1:
+                    tl.atomic_add(du_ptr + out_off, du, mask=mcol, sem="relaxed")
+                    tl.atomic_add(dd_ptr + out_off, ddt, mask=mcol, sem="relaxed")
+                else:
+                    tl.store(du_ptr + out_off, du, mask=mcol)
+                    tl.store(dd_ptr + out_off, ddt, mask=mcol)
+                bc_off = dBC_base + n[:, None] * L + cell[None, :]
+                tl.atomic_add(dB_ptr + bc_off, lam1 * (dt * uu)[None, :], mask=m2, sem="relaxed")
+                tl.atomic_add(dC_ptr + bc_off, h * dy[None, :], mask=m2, sem="relaxed")
+            tl.debug_barrier()  # every stash row has been read before the next segment overwrites it
+        part = bc * n_segs + seg_lo  # this unit's slot among the item's partial sums
+        tl.store(dA_ptr + part * N + n, tl.sum(dA_acc, axis=1), mask=nmask)
+        if HAS_D:
+            if sg == 0:
+                tl.store(dD_ptr + part, tl.sum(dD_acc, axis=0))
+        if HAS_BIAS:
+            tl.store(dbias_ptr + part * G + sg, tl.sum(dbias_acc, axis=0))
