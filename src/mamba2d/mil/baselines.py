@@ -101,7 +101,7 @@ class MambaMIL(nn.Module):
 
     ``variant="sr"`` (default, the paper's main model) uses sequence-reordering Mamba layers
     (:class:`~mamba2d.nn.SRMamba`, stride ``rate`` = 10); ``"plain"`` uses one causal scan per
-    layer. Every scan is the 2D operator on a one-row grid, so no separate kernel exists.
+    layer. Every scan runs on a one-row grid, which on CUDA is the chunked 1D kernel.
     """
 
     def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 512,
