@@ -49,6 +49,7 @@ PATCH = 512
 SECTIONS = ("check", "models", "ops", "profile", "ab", "sweep")
 SWEEP = ((64, 4), (256, 4), (128, 8))  # (chunk length, warps) of the 1D kernel, besides the default
 ORDER = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+DEADLINE = float("inf")  # perf_counter time after which rows are skipped (--budget-s)
 SMOKE = False  # --smoke: every section on tiny shapes (checks this script on a CPU, Triton interpreted)
 
 
@@ -203,6 +204,10 @@ def fwd_bwd(call, t, dout):
     return out, torch.autograd.grad(out, [t[k] for k in ORDER], dout)
 
 
+def out_of_time() -> bool:
+    return time.perf_counter() > DEADLINE
+
+
 def time_op(call, t: dict, device: str) -> dict:
     """Median forward and forward+backward ms of ``call(t)``, and the forward+backward peak (MiB)."""
     dout = torch.randn_like(t["u"])
@@ -227,6 +232,8 @@ def sweep(device: str, record) -> None:
     best = None
     t = scan_inputs(*shape, torch.float32, device)
     for T, warps in ((s1.CHUNK, s1.NUM_WARPS), *SWEEP[: 1 if SMOKE else None]):
+        if out_of_time():
+            break
         s1.CHUNK_OVERRIDE, s1.NUM_WARPS_OVERRIDE = T, warps
         try:
             res = time_op(scan_1d, t, device)
@@ -306,6 +313,9 @@ def ops(device: str, record, sizes) -> None:
     for L in sizes[:2]:  # the one-row 2D kernel MambaMIL ran before the 1D kernel existed
         cases.append(("2d-one-row", (1, wide, 16, L), torch.float32, (1, L)))
     for kind, shape, dtype, grid in cases:
+        if out_of_time():
+            record(dict(section="ops", op=kind, shape=shape, skipped="time budget"))
+            continue
         call = scan_1d if kind == "1d" else partial(scan_2d, H=grid[0], W=grid[1])
         res = time_op(call, scan_inputs(*shape, dtype, device), device)
         cells = math.prod(shape)
@@ -385,6 +395,8 @@ def profile(device: str, record, n: int = 45850) -> None:
 
     for name in ("2dmambamil", "mambamil"):
         for dt in ("fp32", "bf16"):
+            if out_of_time():
+                continue
             step = trainer(name, n, device, dt == "bf16")
             step()
             step()
@@ -428,6 +440,8 @@ def ab_upcast(device: str, record, sizes) -> None:
 
     for n in sizes:
         for label in ("bf16", "bf16-scan-fp32"):
+            if out_of_time():
+                continue
             nm.selective_scan_2d = upcast if label != "bf16" else real
             try:
                 record(
@@ -529,9 +543,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    global SMOKE
+    global SMOKE, DEADLINE
     SMOKE = a.smoke
     t_start = time.perf_counter()
+    DEADLINE = t_start + a.budget_s
     for device in a.devices.split(","):
         if device == "cuda" and not torch.cuda.is_available():
             print("no CUDA device: skipping cuda", file=sys.stderr)
