@@ -411,6 +411,9 @@ def profile(device: str, record, n: int = 45850) -> None:
                     rows.append((dev_us, ev.key, ev.count))
             rows.sort(reverse=True)
             total = sum(r[0] for r in rows)
+            events = prof.events()
+            launches = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+            copies = sum(1 for e in events if e.name == "aten::copy_")
             record(
                 dict(
                     section="profile",
@@ -418,6 +421,8 @@ def profile(device: str, record, n: int = 45850) -> None:
                     patches=n,
                     dtype=dt,
                     gpu_kernel_ms=total / 1e3,
+                    kernel_launches=launches,
+                    aten_copies=copies,
                     top=[dict(kernel=k[:90], ms=us / 1e3, calls=c) for us, k, c in rows[:14]],
                 )
             )
@@ -541,6 +546,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/mil_step_<device>.json)"
     )
+    ap.add_argument("--profile-size", type=int, default=None, help="bag size of the profile section")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     global SMOKE, DEADLINE
@@ -607,7 +613,7 @@ def main(argv=None) -> int:
             elif section == "ops":
                 ops(device, record, sizes)
             elif section == "profile":
-                profile(device, record, sizes[min(2, len(sizes) - 1)])
+                profile(device, record, a.profile_size or sizes[min(2, len(sizes) - 1)])
             elif section == "ab":
                 ab_upcast(device, record, (sizes[1 if len(sizes) > 1 else 0], sizes[-1]))
         from mamba2d.ops import scan1d_triton as s1

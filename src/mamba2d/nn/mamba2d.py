@@ -103,7 +103,8 @@ class SSMCore(nn.Module):
             xs = xs * keep
         u = F.silu(xs)
         # x_proj and dt_proj as W @ u: (Δ rank, B, C) and Δ come out channel-major too.
-        dt, B, C = torch.matmul(self.x_proj.weight, u).split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        sizes = [self.dt_rank, self.d_state, self.d_state]
+        dt, B, C = torch.matmul(self.x_proj.weight, u).split(sizes, dim=1)
         delta = torch.matmul(self.dt_proj.weight, dt)  # (batch, d_inner, L); the bias goes in the scan
         if mask is not None:
             delta = delta.masked_fill(~mask.reshape(batch, 1, L), _MASKED_DELTA)
