@@ -576,7 +576,10 @@ def main(argv=None) -> int:
             if device == "cuda"
             else f"CPU ({platform.machine()}, {a.threads} threads)"
         )
-        tag = name.split()[-1].lower() if device == "cuda" else "cpu"
+        words = name.lower().split()
+        tag = (
+            (words[1] if len(words) > 1 else words[0]) if device == "cuda" else "cpu"
+        )  # "NVIDIA H200" -> h200
         out = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / f"mil_step_{tag}.json"
         data = dict(
             date=_dt.date.today().isoformat(),

@@ -104,7 +104,11 @@ def one_line_reverse(layout: ScanLayout) -> bool | None:
 
 def _route_1d(u: torch.Tensor) -> bool:
     """Whether ``backend="auto"`` sends one-line grids to the 1D Triton kernel (CUDA tensors)."""
-    return u.is_cuda
+    if not u.is_cuda:
+        return False
+    from mamba2d.ops.scan_triton import triton_available
+
+    return triton_available(u)[0]
 
 
 def selective_scan_2d(
