@@ -8,7 +8,7 @@ from typing import Any
 from mamba2d.data import PatchGrid, patch_grid
 from mamba2d.mil import MILOutput, TwoDMambaMIL, build_model
 from mamba2d.nn import Mamba2D, Mamba2DBlock, SRMamba
-from mamba2d.ops import ScanLayout, selective_scan_2d
+from mamba2d.ops import ScanLayout, selective_scan_1d, selective_scan_2d
 from mamba2d.train import nll_survival_loss
 from mamba2d.wsi.encoders import EfficientNetLite0Encoder
 
@@ -59,7 +59,8 @@ __all__ = [
     "SRMamba", "ScanLayout", "TrainConfig", "TwoDMambaMIL", "__version__", "build_model",
     "classification_metrics", "compare_runs", "concordance_index", "evaluate_run", "kfold_splits",
     "nll_survival_loss", "patch_grid", "read_bag", "read_labels", "read_split_csv", "run_training",
-    "selective_scan_2d", "run_demo", "open_slide", "tissue_mask", "plan_tiles", "build_encoder",
+    "selective_scan_1d", "selective_scan_2d", "run_demo", "open_slide", "tissue_mask", "plan_tiles",
+    "build_encoder",
     "extract_slides", "VMamba2D", "vmamba2d_tiny", "vmamba2d_small", "vmamba1d_tiny", "vmamba1d_small",
     "UperNet", "VisionSegmenter", "VisionTrainConfig", "run_vision_training", "segmentation_metrics",
     "MosaicSegmentation",

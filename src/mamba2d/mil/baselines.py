@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mamba2d.mil.common import MILOutput, check_bag, heads_output
+from mamba2d.mil.common import MILOutput, check_bag, float32_head, heads_output
 from mamba2d.nn import Mamba2DBlock, SRMambaBlock
 
 Task = Literal["classification", "survival"]
@@ -97,11 +97,12 @@ class ABMIL(nn.Module):
 class MambaMIL(nn.Module):
     """MambaMIL (Yang et al., MICCAI 2024): Linear(in_dim, 512) + GELU + Dropout, ``n_layers``
     LayerNorm pre-norm residual Mamba layers (d_state 16, conv 4, expand 2) over the patch
-    sequence in its input order, LayerNorm, attention pooling Linear-Tanh-Linear, linear head.
+    sequence in its input order, LayerNorm, attention pooling Linear-Tanh-Linear, linear head (the
+    head in float32 even under autocast).
 
     ``variant="sr"`` (default, the paper's main model) uses sequence-reordering Mamba layers
     (:class:`~mamba2d.nn.SRMamba`, stride ``rate`` = 10); ``"plain"`` uses one causal scan per
-    layer. Every scan is the 2D operator on a one-row grid, so no separate kernel exists.
+    layer. Every scan runs on a one-row grid, which on CUDA is the chunked 1D kernel.
     """
 
     def __init__(self, in_dim: int, n_classes: int, task: Task = "classification", d_model: int = 512,
@@ -131,10 +132,12 @@ class MambaMIL(nn.Module):
         for layer in self.layers:
             # Plain layers take a one-row grid (1, 1, N, d); SR layers take the sequence (1, N, d).
             h = layer(h) if self.variant == "sr" else layer(h[:, None])[:, 0]
-        h = self.norm(h[0])
-        weights = self.attention(h).squeeze(-1).softmax(dim=0)
-        emb = weights @ h
-        return heads_output(self.head(emb), self.task, weights, emb if return_embedding else None)
+        with float32_head(h):
+            h = self.norm(h[0].to(self.norm.weight.dtype))
+            weights = self.attention(h).squeeze(-1).softmax(dim=0)
+            emb = weights @ h
+            logits = self.head(emb)
+        return heads_output(logits, self.task, weights, emb if return_embedding else None)
 
 
 class DSMIL(nn.Module):

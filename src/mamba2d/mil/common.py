@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -58,3 +59,13 @@ def check_bag(features: torch.Tensor, coords: torch.Tensor | None, in_dim: int) 
         raise ValueError(f"coords has {coords.shape[0]} rows but features has {features.shape[0]}")
     if not torch.isfinite(features).all():
         raise ValueError("features contain NaN or infinite values")
+
+
+def float32_head(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off for a model's pooling head on ``x``'s device.
+
+    The heads (norm, attention MLP, softmax, weighted sum, classifier) are small; in float32 they
+    need none of the dozen weight and activation casts autocast would add per step, which on
+    small bags cost more time than their bf16 arithmetic saves (and the attention weights are a
+    result users read)."""
+    return torch.autocast(x.device.type, enabled=False)

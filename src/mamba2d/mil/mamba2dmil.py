@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mamba2d.data.grid import PatchGrid, Snap, patch_grid
-from mamba2d.mil.common import MILOutput, check_bag, heads_output
+from mamba2d.mil.common import MILOutput, check_bag, float32_head, heads_output
 from mamba2d.nn import Mamba2DBlock
 
 
@@ -29,6 +29,7 @@ class TwoDMambaMIL(nn.Module):
     4. ``n_layers`` pre-norm residual Mamba2D blocks over the whole grid (pads included).
     5. LayerNorm, then attention pooling Linear(d_model, 128)-Tanh-Linear(128, 1). The softmax runs
        over tissue cells only; ``pool_pads=True`` pools over pads too, as the official code does.
+       This head runs in float32 even under autocast.
     6. Classification head Linear(d_model, n_classes), or survival hazards over ``n_classes`` bins.
 
     ``scan="raster"`` is the 1D ablation: the very same model, but the grid (pads included) is
@@ -100,13 +101,14 @@ class TwoDMambaMIL(nn.Module):
         canvas = canvas.reshape(*shape, self.d_model)
         for layer in self.layers:
             canvas = layer(canvas)
-        cells = self.norm(canvas.reshape(H * W, self.d_model))
-        scores = self.attention(cells).squeeze(-1)  # (H * W,)
-        if not self.pool_pads:
-            tissue = torch.zeros(H * W, dtype=torch.bool, device=scores.device)
-            tissue[grid.flat] = True
-            scores = scores.masked_fill(~tissue, float("-inf"))
-        weights = scores.softmax(dim=0)
-        embedding = weights @ cells
-        logits = self.head(embedding)
+        with float32_head(canvas):
+            cells = self.norm(canvas.reshape(H * W, self.d_model).to(self.norm.weight.dtype))
+            scores = self.attention(cells).squeeze(-1)  # (H * W,)
+            if not self.pool_pads:
+                tissue = torch.zeros(H * W, dtype=torch.bool, device=scores.device)
+                tissue[grid.flat] = True
+                scores = scores.masked_fill(~tissue, float("-inf"))
+            weights = scores.softmax(dim=0)
+            embedding = weights @ cells
+            logits = self.head(embedding)
         return heads_output(logits, self.task, weights[grid.flat], embedding if return_embedding else None)

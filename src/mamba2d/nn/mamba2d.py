@@ -31,8 +31,10 @@ def mamba_dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: flo
 class SSMCore(nn.Module):
     """The part of a Mamba layer between in_proj and out_proj, over a 2D grid of tokens.
 
-    Takes x and z (batch, L = H * W, d_inner) and returns the gated scan output y
-    (batch, d_inner, L): depthwise convolution of x (``conv="1d"``: kernel ``d_conv``, causal along
+    Takes x and z channel-major, (batch, d_inner, L = H * W), and returns the gated scan output y
+    (batch, d_inner, L). Channel-major is the scan's own layout: every token run it reads is
+    contiguous, and no transpose is copied on the way (as in Mamba, in_proj is computed
+    straight into it). Depthwise convolution of x (``conv="1d"``: kernel ``d_conv``, causal along
     the row-major raster; ``"2d"``: 3 x 3 on the grid), SiLU, x_proj to (Δ rank, B, C), dt_proj,
     then the 2D selective scan with the z gate and the D skip from ``directions`` origins (1: top
     left; 2: adds bottom right; 4: all corners), summed or averaged (``merge``). All directions
@@ -89,27 +91,27 @@ class SSMCore(nn.Module):
 
     def forward(self, xs: torch.Tensor, z: torch.Tensor, H: int, W: int,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """xs, z: (batch, H * W, d_inner); mask: (batch, H, W) bool or None.
+        """xs, z: (batch, d_inner, H * W); mask: (batch, H, W) bool or None.
 
         Returns (batch, d_inner, H * W)."""
-        batch, L, _ = xs.shape
-        keep = None if mask is None else mask.to(xs.dtype).reshape(batch, L, 1)
+        batch, _, L = xs.shape
+        keep = None if mask is None else mask.to(xs.dtype).reshape(batch, 1, L)
         if keep is not None:
             xs = xs * keep
         xs = self._conv(xs, batch, H, W)
         if keep is not None:
             xs = xs * keep
-        xs = F.silu(xs)
-        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (batch, d_inner, L); bias goes in the scan
+        u = F.silu(xs)
+        # x_proj and dt_proj as W @ u: (Δ rank, B, C) and Δ come out channel-major too.
+        sizes = [self.dt_rank, self.d_state, self.d_state]
+        dt, B, C = torch.matmul(self.x_proj.weight, u).split(sizes, dim=1)
+        delta = torch.matmul(self.dt_proj.weight, dt)  # (batch, d_inner, L); the bias goes in the scan
         if mask is not None:
             delta = delta.masked_fill(~mask.reshape(batch, 1, L), _MASKED_DELTA)
-        u, zt = xs.transpose(1, 2), z.transpose(1, 2)
-        Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)  # (batch, d_state, L)
         A = -torch.exp(self.A_log.float())
         y = None
         for flip_h, flip_v in _ORIGINS[: self.directions]:
-            yk = selective_scan_2d(u, delta, A, Bt, Ct, self.D.float(), zt, self.dt_proj.bias.float(), True,
+            yk = selective_scan_2d(u, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), True,
                                    height=H, width=W, flip_h=flip_h, flip_v=flip_v, backend=self.backend)
             y = yk if y is None else y + yk
         if self.merge == "mean" and self.directions > 1:
@@ -117,12 +119,29 @@ class SSMCore(nn.Module):
         return y
 
     def _conv(self, xs: torch.Tensor, batch: int, H: int, W: int) -> torch.Tensor:
-        """Depthwise convolution of (batch, L, d_inner), causal along the raster or 3 x 3 on the grid."""
+        """Depthwise convolution of (batch, d_inner, L), causal along the raster or 3 x 3 on the grid."""
         if self.conv == "1d":
-            L = H * W
-            return self.conv_layer(xs.transpose(1, 2))[..., :L].transpose(1, 2)
-        grid = xs.reshape(batch, H, W, self.d_inner).permute(0, 3, 1, 2)
-        return self.conv_layer(grid).permute(0, 2, 3, 1).reshape(batch, H * W, self.d_inner)
+            return self.conv_layer(xs)[..., : H * W]
+        return self.conv_layer(xs.reshape(batch, self.d_inner, H, W)).reshape(batch, self.d_inner, H * W)
+
+
+def in_projection(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear`` applied to (batch, L, d_in), returned channel-major: (batch, d_out, L) contiguous,
+    computed as W @ x^T so that no transpose is copied."""
+    out = torch.matmul(linear.weight, x.transpose(1, 2))
+    if linear.bias is not None:
+        out = out + linear.bias.to(out.dtype)[:, None]
+    return out
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose weight follows the input's dtype, so that under bf16/fp16 autocast the
+    fused kernel runs (with a float32 weight and a bf16 input, PyTorch warns and takes the
+    unfused path)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 
 class Mamba2D(nn.Module):
@@ -172,7 +191,7 @@ class Mamba2D(nn.Module):
         batch, H, W, _ = x.shape
         if mask is not None and mask.shape != (batch, H, W):
             raise ValueError(f"mask must be (batch, H, W) = {(batch, H, W)}, got {tuple(mask.shape)}")
-        xs, z = self.in_proj(x.reshape(batch, H * W, self.d_model)).chunk(2, dim=-1)
+        xs, z = in_projection(self.in_proj, x.reshape(batch, H * W, self.d_model)).chunk(2, dim=1)
         out = self.out_proj(self.core(xs, z, H, W, mask).transpose(1, 2))
         if mask is not None:
             out = out * mask.to(out.dtype).reshape(batch, H * W, 1)
@@ -191,7 +210,7 @@ class Mamba2DBlock(nn.Module):
         super().__init__()
         if norm not in ("rms", "layer"):
             raise ValueError(f"norm must be 'rms' or 'layer', got {norm!r}")
-        self.norm = nn.RMSNorm(d_model, eps=eps) if norm == "rms" else nn.LayerNorm(d_model, eps=eps)
+        self.norm = RMSNorm(d_model, eps=eps) if norm == "rms" else nn.LayerNorm(d_model, eps=eps)
         self.mixer = Mamba2D(d_model, **mixer_kwargs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

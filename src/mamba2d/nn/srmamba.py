@@ -1,7 +1,7 @@
 """Sequence-reordering Mamba (SR-Mamba, from MambaMIL) over 1D token sequences.
 
-Shapes: input and output are (batch, L, d_model). Both branches run the 2D scan on a one-row
-grid, so no separate 1D kernel exists.
+Shapes: input and output are (batch, L, d_model). Both branches run the scan on a one-row grid,
+which on CUDA is the chunked 1D kernel (``mamba2d.ops.scan1d_triton``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mamba2d.nn.mamba2d import SSMCore
+from mamba2d.nn.mamba2d import SSMCore, in_projection
 
 
 def stride_order(length: int, rate: int) -> torch.Tensor:
@@ -60,19 +60,20 @@ class SRMamba(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (batch, L, d_model={self.d_model}), got {tuple(x.shape)}")
         batch, L, _ = x.shape
-        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (batch, L, d_inner)
+        xs, z = in_projection(self.in_proj, x).chunk(2, dim=1)  # (batch, d_inner, L)
         y = self.core(xs, z, 1, L)  # (batch, d_inner, L)
 
         order = stride_order(L, self.rate).to(x.device)
+        back = torch.argsort(order)[:L]  # where each input token sits in the reordered sequence
         padded = order.numel()
         mask = None
         if padded > L:
-            pad = (0, 0, 0, padded - L)
-            xs, z = nn.functional.pad(xs, pad), nn.functional.pad(z, pad)
+            # Padding cells are masked (transparent), so any token can stand in for them: the
+            # last one, which saves padding copies of xs and z.
             mask = (order < L).reshape(1, 1, padded).expand(batch, 1, padded)
-        y_r = self.reordered_core(xs[:, order], z[:, order], 1, padded, mask)
-        y_r = y_r[..., torch.argsort(order)][..., :L]  # back to input order, padding dropped
-        return self.out_proj((y + y_r).transpose(1, 2))
+            order = order.clamp(max=L - 1)
+        y_r = self.reordered_core(xs.index_select(2, order), z.index_select(2, order), 1, padded, mask)
+        return self.out_proj((y + y_r.index_select(2, back)).transpose(1, 2))
 
 
 class SRMambaBlock(nn.Module):

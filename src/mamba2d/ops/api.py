@@ -4,7 +4,8 @@ Backends:
 - ``"reference"``: the definition in float64 loops (tests only; slow).
 - ``"torch"``: vectorised PyTorch with a hand-written backward; any device.
 - ``"triton"``: fused Triton kernels, forward and backward; CUDA tensors.
-- ``"auto"``: Triton for CUDA tensors, PyTorch elsewhere.
+- ``"auto"``: Triton for CUDA tensors, PyTorch elsewhere. A grid of one row or one column on
+  CUDA runs the chunked 1D kernel (``mamba2d.ops.scan1d_triton``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,67 @@ def _grouped(name: str, t: torch.Tensor, batch: int, dim: int, length: int) -> t
     return t
 
 
+def check_scan_args(u, delta, A, B, C, D, z, delta_bias, backend: str):
+    """Check the tensor arguments shared by the 1D and 2D scans and the backend name.
+
+    Returns them with B and C as (batch, groups, dstate, L); raises ValueError naming the argument.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = u.device if isinstance(u, torch.Tensor) else torch.device("cpu")
+    u = _check_tensor("u", u, (3,), device)
+    batch, dim, length = u.shape
+    delta = _check_tensor("delta", delta, (3,), device)
+    _check_shape("delta", delta, (batch, dim, length), "(batch, dim, L)")
+    if delta.dtype != u.dtype:
+        raise ValueError(f"delta has dtype {delta.dtype} but u has {u.dtype}; they must match")
+    A = _check_tensor("A", A, (2,), device)
+    if A.shape[0] != dim:
+        raise ValueError(f"A must have shape (dim, dstate) with dim = {dim}, got {tuple(A.shape)}")
+    dstate = A.shape[1]
+    if dstate < 1:
+        raise ValueError("A must have at least one state (dstate >= 1)")
+    B = _grouped("B", _check_tensor("B", B, (3, 4), device), batch, dim, length)
+    C = _grouped("C", _check_tensor("C", C, (3, 4), device), batch, dim, length)
+    for name, t in (("B", B), ("C", C)):
+        if t.shape[2] != dstate:
+            raise ValueError(f"{name} has dstate {t.shape[2]} but A has dstate {dstate}")
+    if B.shape[1] != C.shape[1]:
+        raise ValueError(f"B has {B.shape[1]} groups but C has {C.shape[1]}; they must match")
+    if D is not None:
+        D = _check_tensor("D", D, (1,), device)
+        _check_shape("D", D, (dim,), "(dim,)")
+    if delta_bias is not None:
+        delta_bias = _check_tensor("delta_bias", delta_bias, (1,), device)
+        _check_shape("delta_bias", delta_bias, (dim,), "(dim,)")
+    if z is not None:
+        z = _check_tensor("z", z, (3,), device)
+        _check_shape("z", z, (batch, dim, length), "(batch, dim, L)")
+        if z.dtype != u.dtype:
+            raise ValueError(f"z has dtype {z.dtype} but u has {u.dtype}; they must match")
+    return u, delta, A, B, C, D, z, delta_bias
+
+
+def one_line_reverse(layout: ScanLayout) -> bool | None:
+    """For a grid of one row (one column), the 1D scan it amounts to runs backwards iff
+    ``flip_h`` (``flip_v``); None for any other grid. The other pass has one cell per line and
+    leaves the state unchanged, whichever order the passes run in."""
+    if layout.height == 1:
+        return layout.flip_h
+    if layout.width == 1:
+        return layout.flip_v
+    return None
+
+
+def _route_1d(u: torch.Tensor) -> bool:
+    """Whether ``backend="auto"`` sends one-line grids to the 1D Triton kernel (CUDA tensors)."""
+    if not u.is_cuda:
+        return False
+    from mamba2d.ops.scan_triton import triton_available
+
+    return triton_available(u)[0]
+
+
 def selective_scan_2d(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -87,39 +149,8 @@ def selective_scan_2d(
     Returns (batch, dim, L) in ``u``'s dtype. State and accumulation are float32 (float64 for
     float64 inputs on the torch and reference backends).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device = u.device if isinstance(u, torch.Tensor) else torch.device("cpu")
-    u = _check_tensor("u", u, (3,), device)
-    batch, dim, length = u.shape
-    delta = _check_tensor("delta", delta, (3,), device)
-    _check_shape("delta", delta, (batch, dim, length), "(batch, dim, L)")
-    if delta.dtype != u.dtype:
-        raise ValueError(f"delta has dtype {delta.dtype} but u has {u.dtype}; they must match")
-    A = _check_tensor("A", A, (2,), device)
-    if A.shape[0] != dim:
-        raise ValueError(f"A must have shape (dim, dstate) with dim = {dim}, got {tuple(A.shape)}")
-    dstate = A.shape[1]
-    if dstate < 1:
-        raise ValueError("A must have at least one state (dstate >= 1)")
-    B = _grouped("B", _check_tensor("B", B, (3, 4), device), batch, dim, length)
-    C = _grouped("C", _check_tensor("C", C, (3, 4), device), batch, dim, length)
-    for name, t in (("B", B), ("C", C)):
-        if t.shape[2] != dstate:
-            raise ValueError(f"{name} has dstate {t.shape[2]} but A has dstate {dstate}")
-    if B.shape[1] != C.shape[1]:
-        raise ValueError(f"B has {B.shape[1]} groups but C has {C.shape[1]}; they must match")
-    if D is not None:
-        D = _check_tensor("D", D, (1,), device)
-        _check_shape("D", D, (dim,), "(dim,)")
-    if delta_bias is not None:
-        delta_bias = _check_tensor("delta_bias", delta_bias, (1,), device)
-        _check_shape("delta_bias", delta_bias, (dim,), "(dim,)")
-    if z is not None:
-        z = _check_tensor("z", z, (3,), device)
-        _check_shape("z", z, (batch, dim, length), "(batch, dim, L)")
-        if z.dtype != u.dtype:
-            raise ValueError(f"z has dtype {z.dtype} but u has {u.dtype}; they must match")
+    u, delta, A, B, C, D, z, delta_bias = check_scan_args(u, delta, A, B, C, D, z, delta_bias, backend)
+    length = u.shape[2]
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -127,6 +158,12 @@ def selective_scan_2d(
         raise ValueError(f"height * width = {height} * {width} = {height * width} but u has L = {length}")
     layout = ScanLayout(height, width, bool(flip_h), bool(flip_v), bool(transpose))
 
+    # A one-row (or one-column) grid is a 1D scan: on CUDA it takes the chunked 1D kernel.
+    reverse = one_line_reverse(layout)
+    if backend == "auto" and reverse is not None and _route_1d(u):
+        from mamba2d.ops.scan1d_triton import selective_scan_1d_triton
+
+        return selective_scan_1d_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     if backend == "auto":
         backend = "triton" if u.is_cuda else "torch"
     if backend == "reference":

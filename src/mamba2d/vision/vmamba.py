@@ -9,8 +9,8 @@ SS2D (the token mixer): in_proj to d_inner = ssm_ratio * dim channels, a depthwi
 LayerNorm and out_proj (VMamba's "no z" form). ``scan="2d"``: each direction is a 2D scan, from
 the top-left and from the bottom-right corner, each horizontal-first and vertical-first (the
 operator's ``flip_h``/``flip_v``/``transpose``, no flipped copies). ``scan="1d"``: VMamba's cross
-scan, four 1D scans over the row-major and column-major orders, forwards and backwards (the
-operator on a 1 x L grid). The two variants have the same parameters and differ only in the scan.
+scan, four 1D scans over the row-major and column-major orders, forwards and backwards
+(``selective_scan_1d``). The two variants have the same parameters and differ only in the scan.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba2d.nn.mamba2d import mamba_dt_bias
-from mamba2d.ops import selective_scan_2d
+from mamba2d.ops import selective_scan_1d, selective_scan_2d
 
 __all__ = ["BUILDERS", "SS2D", "VMamba2D", "VSSBlock", "vmamba1d_base", "vmamba1d_small", "vmamba1d_tiny",
            "vmamba2d_base", "vmamba2d_small", "vmamba2d_tiny"]
@@ -77,8 +77,8 @@ class SS2D(nn.Module):
                                        True, height=h, width=w, flip_h=flip_h, flip_v=flip_v,
                                        transpose=transpose, backend=self.backend)
             else:
-                yk = selective_scan_2d(u, delta, A[k], B, C, self.D[k].float(), None, self.dt_bias[k].float(),
-                                       True, height=1, width=L, flip_h=k >= 2, backend=self.backend)
+                yk = selective_scan_1d(u, delta, A[k], B, C, self.D[k].float(), None, self.dt_bias[k].float(),
+                                       True, reverse=k >= 2, backend=self.backend)
                 yk = self._unorder(yk, order, h, w)
             y = yk if y is None else y + yk
         y = self.out_norm(y.transpose(1, 2).reshape(batch, h, w, self.d_inner).to(x.dtype))
