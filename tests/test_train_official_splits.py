@@ -34,12 +34,12 @@ def test_tcga_brca_subtyping_with_the_official_split(tmp_path):
     _stand_in_bags(tmp_path / "feats", slides)
     out = tmp_path / "run"
     # The published split names slides with no IDC/ILC label and puts some patients in two parts:
-    # --skip-bad drops the unknown ids with a warning; the leakage is reported as a warning.
+    # --skip-bad drops the unknown ids with a warning; --allow-leakage keeps the split, with a warning.
     with pytest.warns(UserWarning) as record:
         rc = main(["train", "--features", str(tmp_path / "feats"), "--labels", str(labels),
                    "--label-col", "oncotree_code", "--classes", "IDC,ILC", "--splits",
                    str(OFFICIAL / "classification" / "TCGA-BRCA-split.csv"), "--model", "meanmil",
-                   "--epochs", "1", "--skip-bad", "--no-progress", "--out", str(out)])
+                   "--epochs", "1", "--skip-bad", "--allow-leakage", "--no-progress", "--out", str(out)])
     assert rc == 0
     messages = " ".join(str(w.message) for w in record)
     assert "leak" in messages.lower() or "more than one part" in messages.lower()
@@ -48,6 +48,18 @@ def test_tcga_brca_subtyping_with_the_official_split(tmp_path):
     assert json.loads((out / "labels.json").read_text())["class_names"] == ["IDC", "ILC"]
     pred = pd.read_csv(out / "fold0_seed0" / "predictions_test.csv")
     assert len(pred) == 96 and set(pred["label_name"]) <= {"IDC", "ILC"}
+
+
+def test_the_official_brca_split_is_refused_for_its_leakage_unless_allowed(tmp_path, capsys):
+    labels = OFFICIAL / "classification" / "TCGA-BRCA-label.csv"
+    _stand_in_bags(tmp_path / "feats", pd.read_csv(labels)["slide_id"])
+    rc = main(["train", "--features", str(tmp_path / "feats"), "--labels", str(labels), "--label-col",
+               "oncotree_code", "--classes", "IDC,ILC", "--splits",
+               str(OFFICIAL / "classification" / "TCGA-BRCA-split.csv"), "--model", "meanmil", "--epochs",
+                   "1",
+               "--skip-bad", "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "TCGA-BRCA-split" in err and "leakage" in err and "--allow-leakage" in err
 
 
 def test_tcga_kirc_survival_with_the_official_five_folds(tmp_path):

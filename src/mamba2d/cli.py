@@ -324,7 +324,7 @@ def _add_train_parser(sub) -> None:
     groups = {
         "inputs": ("features", "labels", "task", "patch_size", "patches_dir", "label_col", "classes",
                    "slide_col", "case_col", "cache", "skip_bad", "grid_snap", "max_grid_cells"),
-        "splits": ("splits", "folds", "val_fraction"),
+        "splits": ("splits", "folds", "val_fraction", "allow_leakage"),
         "model": ("model",),
         "optimisation": ("epochs", "optimizer", "lr", "weight_decay", "seeds", "accumulate", "clip_grad",
                          "balanced_sampling",

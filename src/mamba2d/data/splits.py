@@ -293,7 +293,8 @@ def resolve_split(split: Split, table: LabelTable, *, unknown: Literal["error", 
     if problems:
         msg = f"{split.label}: leakage between parts: " + "; ".join(problems)
         if leakage == "error":
-            raise SplitError(msg + "; pass leakage='warn' to use the split anyway")
+            raise SplitError(msg + "; fix the split, or keep it knowingly with --allow-leakage "
+                             "(leakage='warn')")
         warnings.warn(msg, stacklevel=2)
 
     if not rows["train"]:

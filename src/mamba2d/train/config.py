@@ -105,6 +105,8 @@ class TrainConfig(ConfigFile):
     cache: bool = _opt("keep feature bags in memory after the first read", default=False)
     skip_bad: bool = _opt("skip unreadable or invalid slides with a warning instead of stopping",
                           default=False)
+    allow_leakage: bool = _opt("keep a split that puts a slide or a patient in two parts (some published "
+                               "splits do), with a warning, instead of refusing it", default=False)
     model_args: dict[str, Any] = _opt("extra model keyword arguments (YAML mapping, or key=value flags)",
                                       default_factory=dict)
     progress: bool = _opt("show progress bars", default=True)

@@ -108,6 +108,13 @@ def load_data(cfg: TrainConfig) -> RunData:
     return RunData(table, bags, check)
 
 
+def split_rows(cfg: TrainConfig, split: Split, table: LabelTable) -> dict[str, list[int]]:
+    """The rows of each part of ``split``: unknown ids and leakage are errors unless ``skip_bad`` /
+    ``allow_leakage`` say otherwise (then warnings)."""
+    return resolve_split(split, table, unknown="drop" if cfg.skip_bad else "error",
+                         leakage="warn" if cfg.allow_leakage else "error")
+
+
 def make_splits(cfg: TrainConfig, table: LabelTable) -> list[Split]:
     """The splits to train on: a split CSV or folder, generated K folds, or the label file's split column."""
     if cfg.splits:
@@ -271,7 +278,7 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
         return json.loads(result_path.read_text())
 
     table = data.table
-    rows = resolve_split(split, table, unknown="drop" if cfg.skip_bad else "error", leakage="error")
+    rows = split_rows(cfg, split, table)
     if cfg.task == "survival":  # bins from this fold's training patients only
         table = table.with_bins(table.bin_edges_from(cfg.n_bins, rows["train"]))
     frame = table.frame
@@ -455,6 +462,8 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     out = Path(cfg.out)
     data = load_data(cfg)
     splits = make_splits(cfg, data.table)
+    for split in splits:  # every split's problems before any fold trains
+        split_rows(cfg, split, data.table)
     if info.is_main:
         write_json(out / "labels.json", data.table.to_json_dict())
         (out / "splits").mkdir(exist_ok=True)
