@@ -8,11 +8,89 @@ repeats a run.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line or YAML scalar as YAML 1.2 reads it: ``1e-3`` and ``2e-4`` are numbers
+    (PyYAML's YAML 1.1 reads them as strings), then booleans, null, else the YAML value."""
+    stripped = text.strip()
+    for convert in (int, float):
+        try:
+            return convert(stripped)
+        except ValueError:
+            pass
+    lowered = stripped.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "none", "~", ""):
+        return None
+    return yaml.safe_load(stripped)
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` converted to the type ``hint`` (str, int, float, bool, Optional, list[...],
+    dict[...], Any); a ValueError naming ``where`` (file and field) when it cannot be.
+
+    Strings are parsed (``"1e-3"`` -> 0.001, ``"yes"`` -> True, ``"0,1,2"`` -> [0, 1, 2]); whole
+    floats become ints; a bool is never taken for a number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return coerce(value, option, where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0])
+    if value is None:
+        raise ValueError(f"{where}: a value is required, got null")
+    if origin in (list, tuple):
+        (item,) = args[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping of key: value, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        number = parse_scalar(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            kind = "an integer" if hint is int else "a number"
+            raise ValueError(f"{where}: expected {kind}, got {value!r}")
+        if hint is int:
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError(f"{where}: expected an integer, got {value!r}")
+            return int(number)
+        return float(number)
+    if hint is str:
+        if isinstance(value, (dict, list, tuple)):
+            raise ValueError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    return value
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -41,11 +119,14 @@ class ConfigFile:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config"):
+        """Build from a mapping (a YAML file's), converting every value to its field's type."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
-        return cls(**cls._normalise(dict(values)))
+        hints = typing.get_type_hints(cls)
+        values = cls._normalise(dict(values))
+        return cls(**{k: coerce(v, hints[k], f"{source}: {k}") for k, v in values.items()})
 
     @classmethod
     def load(cls, path: str | Path):
@@ -178,13 +259,14 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_model_args(pairs: list[str]) -> dict[str, Any]:
-    """['d_model=256', 'scan=raster'] to {'d_model': 256, 'scan': 'raster'} (values read as YAML scalars)."""
+    """['d_model=256', 'scan=raster'] to {'d_model': 256, 'scan': 'raster'} (values read by
+    :func:`parse_scalar`, so ``lr=1e-3`` is a number)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"--model-arg expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_scalar(value)
     return out
 
 
