@@ -155,11 +155,15 @@ class TrainConfig(ConfigFile):
     splits: str | None = _opt("split CSV (train,val,test columns) or a folder of splits_K.csv files")
     folds: int | None = _opt("generate stratified case-level K-fold splits (saved in the run directory)")
     val_fraction: float = _opt("fraction of the non-test cases kept for validation with --folds", default=0.1)
-    epochs: int = _opt("training epochs", default=20)
+    preset: str = _opt("the recipe that fills epochs, lr, weight decay and model arguments not given: "
+                       "default (each model's most robust settings, from the sensitivity study) or paper "
+                       "(the 2DMamba paper's: lr 1e-4, 20 epochs, conv 1d)", default="default",
+                       choices=("default", "paper"))
+    epochs: int | None = _opt("training epochs (default: the model's recipe)")
     optimizer: str = _opt("adamw, or sgd (momentum 0.9, as CLAM's --opt sgd)", default="adamw",
                           choices=("adamw", "sgd"))
-    lr: float = _opt("peak learning rate (cosine schedule to 0)", default=1e-4)
-    weight_decay: float = _opt("weight decay", default=1e-5)
+    lr: float | None = _opt("peak learning rate, cosine schedule to 0 (default: the model's recipe)")
+    weight_decay: float | None = _opt("weight decay (default: the model's recipe)")
     seeds: list[int] = _opt("seeds to repeat each fold with, e.g. 0,1,2", default_factory=lambda: [0])
     accumulate: int = _opt("slides per optimizer step (gradient accumulation)", default=1)
     clip_grad: float | None = _opt("clip the gradient norm to this value before each step")
@@ -196,8 +200,21 @@ class TrainConfig(ConfigFile):
     stop_after_epochs: int | None = _opt("stop each fold after this many epochs in this call (for testing "
                                          "--resume)", hidden=True)
 
+    def apply_recipe(self) -> TrainConfig:
+        """Fill epochs, lr and weight decay left unset from the model's recipe under ``preset``, and
+        put the recipe's model arguments under the given ones (see :mod:`mamba2d.mil.recipes`)."""
+        from mamba2d.mil.recipes import recipe_for
+
+        recipe = recipe_for(self.model, self.preset)
+        for name in ("epochs", "lr", "weight_decay"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(recipe, name))
+        self.model_args = {**recipe.model_args, **self.model_args}
+        return self
+
     def check(self) -> TrainConfig:
-        """Raise ValueError naming the first invalid field."""
+        """Apply the recipe, then raise ValueError naming the first invalid field."""
+        self.apply_recipe()
         for name in ("features", "labels", "out"):
             if not getattr(self, name):
                 raise ValueError(f"--{name.replace('_', '-')} is required")
@@ -219,6 +236,8 @@ class TrainConfig(ConfigFile):
             raise ValueError(f"clip_grad must be positive, got {self.clip_grad}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.preset not in ("default", "paper"):
+            raise ValueError(f"preset must be default or paper, got {self.preset!r}")
         if self.grid_snap not in ("auto", "strict"):
             raise ValueError(f"grid_snap must be auto or strict, got {self.grid_snap!r}")
         if self.max_grid_cells is not None and self.max_grid_cells < 1:
