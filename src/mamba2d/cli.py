@@ -147,13 +147,13 @@ def _resolve_config(cls, args: argparse.Namespace, given: dict):
         cfg.stop_after_epochs = None
     else:
         cfg = cls.load(args.config) if args.config else cls()
-    for key, value in given.items():
-        setattr(cfg, key, value)
+    # Flags go through the same conversion as a config file's values (e.g. "0,1,2" to [0, 1, 2]).
+    cfg = cls.from_dict({**cfg.to_dict(), **given}, source="command line")
     return cfg.check()
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mamba2d.train.config import TrainConfig, parse_classes, parse_model_args, parse_seeds
+    from mamba2d.train.config import TrainConfig, parse_model_args
     from mamba2d.train.engine import run_training
 
     if args.list_models:
@@ -164,10 +164,6 @@ def _train(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS and v is not None}
     if args.seed is not None:
         given["seeds"] = [args.seed]
-    if isinstance(given.get("classes"), str):
-        given["classes"] = parse_classes(given["classes"])
-    if isinstance(given.get("seeds"), str):
-        given["seeds"] = parse_seeds(given["seeds"])
     if args.model_arg:
         given["model_args"] = parse_model_args(args.model_arg)
     if args.no_progress:
@@ -326,7 +322,8 @@ def _add_train_parser(sub) -> None:
                    "slide_col", "case_col", "cache", "skip_bad", "grid_snap", "max_grid_cells"),
         "splits": ("splits", "folds", "val_fraction", "allow_leakage"),
         "model": ("model",),
-        "optimisation": ("preset", "epochs", "optimizer", "lr", "weight_decay", "seeds", "accumulate",
+        "optimisation": ("preset", "epochs", "optimizer", "lr", "weight_decay", "tune", "tune_lrs", "seeds",
+                         "accumulate",
                          "clip_grad",
                          "balanced_sampling",
                          "early_stopping", "n_bins", "alpha_surv"),

@@ -165,6 +165,12 @@ class TrainConfig(ConfigFile):
     lr: float | None = _opt("peak learning rate, cosine schedule to 0 (default: the model's recipe)")
     weight_decay: float | None = _opt("weight decay (default: the model's recipe)")
     seeds: list[int] = _opt("seeds to repeat each fold with, e.g. 0,1,2", default_factory=lambda: [0])
+    tune: list[str] | None = _opt("choose these settings per fold on the validation part (never the test "
+                                  "part): lr, and conv for 2dmambamil, e.g. lr,conv")
+    tune_lrs: list[float] = _opt("learning rates --tune lr tries",
+                                 default_factory=lambda: [5e-5, 1e-4, 2e-4, 5e-4, 1e-3])
+    tuned: dict[str, Any] = _opt("what --tune chose for each fold and seed (written by the run)",
+                                 default_factory=dict, hidden=True)
     accumulate: int = _opt("slides per optimizer step (gradient accumulation)", default=1)
     clip_grad: float | None = _opt("clip the gradient norm to this value before each step")
     balanced_sampling: bool = _opt("draw training slides with class-balanced weights", default=False)
@@ -236,6 +242,13 @@ class TrainConfig(ConfigFile):
             raise ValueError(f"clip_grad must be positive, got {self.clip_grad}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        for what in self.tune or []:
+            if what not in ("lr", "conv"):
+                raise ValueError(f"tune: can tune lr and conv, got {what!r}")
+            if what == "conv" and self.model != "2dmambamil":
+                raise ValueError(f"tune: conv is a 2dmambamil setting; {self.model} has none")
+        if not self.tune_lrs or any(lr <= 0 for lr in self.tune_lrs):
+            raise ValueError(f"tune_lrs must be positive learning rates, got {self.tune_lrs}")
         if self.preset not in ("default", "paper"):
             raise ValueError(f"preset must be default or paper, got {self.preset!r}")
         if self.grid_snap not in ("auto", "strict"):
@@ -250,6 +263,9 @@ class TrainConfig(ConfigFile):
     def _normalise(cls, values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(values.get("classes"), str):
             values["classes"] = parse_classes(values["classes"])
+        for key in ("tune", "tune_lrs"):
+            if isinstance(values.get(key), str):
+                values[key] = [v.strip() for v in values[key].split(",") if v.strip()]
         if isinstance(values.get("seeds"), (int, str)):
             values["seeds"] = parse_seeds(str(values["seeds"]))
         return values

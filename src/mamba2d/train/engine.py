@@ -21,7 +21,9 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -413,6 +415,59 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
     return result
 
 
+def tune_candidates(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The settings ``--tune`` tries: every lr of ``tune_lrs`` (or the configured lr) times both
+    convolutions (or the configured one)."""
+    lrs = cfg.tune_lrs if "lr" in (cfg.tune or []) else [cfg.lr]
+    convs = ["1d", "2d"] if "conv" in (cfg.tune or []) else [None]
+    return [{"lr": lr, **({"conv": conv} if conv else {})} for conv in convs for lr in lrs]
+
+
+def tune_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: int, out_dir: Path,
+             info: DistInfo) -> dict[str, Any]:
+    """Train every :func:`tune_candidates` setting on the training part, keep the one with the best
+    validation score (the test part is never looked at) and report it as this fold's model.
+
+    Each candidate trains in ``out_dir/tune/<setting>/`` (resumable like any model); the chosen one's
+    files are copied into ``out_dir``. The result records the choice and every candidate's score.
+    """
+    rows = split_rows(cfg, split, data.table)
+    if not rows["val"] or not rows["test"]:
+        raise ValueError(f"{split.label}: --tune selects on the validation part, so the split needs both a "
+                         f"validation and a test part (this one has {len(rows['val'])} and "
+                         f"{len(rows['test'])} slides)")
+    metric = SELECTION_METRIC[cfg.task]
+    tried = []
+    for setting in tune_candidates(cfg):
+        slug = "_".join(f"{k}_{v}" for k, v in setting.items())
+        args = {**cfg.model_args, **{k: v for k, v in setting.items() if k != "lr"}}
+        trial = dataclasses.replace(cfg, lr=setting["lr"], model_args=args, tune=None)
+        trial_dir = out_dir / "tune" / slug
+        if info.is_main:
+            trial_dir.mkdir(parents=True, exist_ok=True)
+        barrier(info)
+        res = train_one(trial, data, split, fold, seed, trial_dir, info)
+        if "interrupted_at_epoch" in res:
+            return res
+        score = float(res["val"].get(metric) if res["val"].get(metric) is not None else float("nan"))
+        tried.append({**setting, f"val_{metric}": score, "dir": str(trial_dir), "result": res})
+    # The best validation score; ties go to the earlier (smaller lr, then conv 1d) setting.
+    best = max(tried, key=lambda t: (not math.isnan(t[f"val_{metric}"]),
+                                     t[f"val_{metric}"] if not math.isnan(t[f"val_{metric}"]) else 0.0,
+                                     -tried.index(t)))
+    result = dict(best["result"])
+    result["tuned"] = {k: v for k, v in best.items() if k in ("lr", "conv")}
+    result["tune_candidates"] = [{k: v for k, v in t.items() if k not in ("result", "dir")} for t in tried]
+    if info.is_main:
+        for path in Path(best["dir"]).iterdir():
+            if path.is_file():
+                shutil.copy2(path, out_dir / path.name)
+        write_json(out_dir / "metrics.json", result)
+        write_json(out_dir / "result.json", result)
+    barrier(info)
+    return result
+
+
 def _plots(table: LabelTable, pred: pd.DataFrame, metrics: dict[str, Any], out_dir: Path, part: str) -> None:
     try:
         if table.task == "classification":
@@ -480,11 +535,15 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             if info.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)
             barrier(info)
-            res = train_one(cfg, data, split, fold, seed, run_dir, info)
+            fit = tune_one if cfg.tune else train_one
+            res = fit(cfg, data, split, fold, seed, run_dir, info)
             if "interrupted_at_epoch" in res:
                 return {"interrupted": True}
             results.append(res)
     summary = summarise_results(results)
+    if cfg.tune and info.is_main:  # the choices, in the run's own configuration
+        cfg.tuned = {f"fold{r['fold']}_seed{r['seed']}": r["tuned"] for r in results}
+        cfg.save(out / "config.yaml")
     if info.is_main:
         write_json(out / "metrics.json", {"task": cfg.task, "model": cfg.model, "runs": results, **summary})
         write_text(out / "summary.csv", results_table(results).to_csv(index=False))
@@ -506,6 +565,7 @@ def results_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for r in results:
         row = {"fold": r["fold"], "seed": r["seed"], "best_epoch": r["best_epoch"]}
+        row.update({f"tuned_{k}": v for k, v in r.get("tuned", {}).items()})
         for part in ("val", "test"):
             row.update({f"{part}_{k}": v for k, v in _scalar_metrics(r.get(part, {})).items()})
         rows.append(row)

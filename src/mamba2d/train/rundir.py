@@ -27,7 +27,8 @@ from mamba2d.train.checkpoint import write_json
 
 MARKER = ".mamba2d-run.json"
 #: Settings that may differ between the calls of one run: where it runs and how it reports.
-VOLATILE_FIELDS = frozenset({"device", "progress", "stop_after_epochs", "workers", "tensorboard", "cache"})
+VOLATILE_FIELDS = frozenset({"device", "progress", "stop_after_epochs", "workers", "tensorboard", "cache",
+                             "tuned"})
 
 
 class RunDirError(ValueError):
