@@ -159,19 +159,41 @@ def test_killed_slide_is_redone_atomically(cohort, tmp_path, monkeypatch):
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "features").glob("*.h5")}
 
 
-def _write_many(out: str, start: int) -> None:
-    for i in range(start, start + 10):
-        write_record(out, {"slide_id": f"s{i:02d}", "path": "", "status": "done", "n_patches": i})
-        merge_manifest(out, [f"s{k:02d}" for k in range(40)])
+def _slow_merger(out: str) -> None:
+    """Writes its record, then merges slowly: it reads the other slide's record (absent yet) first."""
+    import time
+
+    from mamba2d.wsi import cohort as module
+
+    real = module.read_record
+
+    def slow(folder, slide_id):
+        found = real(folder, slide_id)
+        time.sleep(1.0)
+        return found
+
+    module.read_record = slow
+    write_record(out, {"slide_id": "a", "path": "", "status": "done", "n_patches": 1})
+    merge_manifest(out, ["b", "a"])
+
+
+def _quick_merger(out: str) -> None:
+    import time
+
+    time.sleep(0.5)  # the slow merger is now between its read of 'b' and its write
+    write_record(out, {"slide_id": "b", "path": "", "status": "done", "n_patches": 2})
+    merge_manifest(out, ["b", "a"])
 
 
 def test_concurrent_merges_keep_every_record(tmp_path):
+    """Two processes finish together: without the lock the slow one would write a manifest that
+    lacks the quick one's slide, after the quick one wrote a complete one."""
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_write_many, args=(str(tmp_path), 10 * k)) for k in range(4)]
+    procs = [ctx.Process(target=f, args=(str(tmp_path),)) for f in (_slow_merger, _quick_merger)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
     assert all(p.exitcode == 0 for p in procs)
     frame = pd.read_csv(tmp_path / "manifest.csv")
-    assert sorted(frame["n_patches"]) == list(range(40))
+    assert sorted(frame["slide_id"]) == ["a", "b"]

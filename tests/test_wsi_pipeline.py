@@ -153,3 +153,35 @@ def test_precision_choice():
     assert resolve_precision("auto", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(ValueError, match="--precision"):
         resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_a_corrupt_tile_is_one_line_naming_the_slide(synthetic, tmp_path):
+    """A tile that does not decode, met in a worker process: the slide fails with one line naming
+    it (not a worker traceback); with skip_bad the run records it and goes on."""
+    import shutil
+
+    from mamba2d.wsi.extract import ExtractConfig, extract_slides
+    from mamba2d.wsi.slides import SlideError
+
+    tifffile = pytest.importorskip("tifffile")
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    bad = folder / "bad.svs"
+    shutil.copy(synthetic, bad)
+    with tifffile.TiffFile(bad) as tif:
+        page = tif.series[0].levels[0].keyframe
+        offsets = [int(o) for o, c in zip(page.dataoffsets, page.databytecounts, strict=True) if c > 4000]
+    with open(bad, "r+b") as f:  # level 0's tissue tiles lose their JPEG header; level 1 stays readable
+        for offset in offsets:
+            f.seek(offset)
+            f.write(b"\0" * 16)
+    cfg = ExtractConfig(magnification=10, patch_size=64, input_size=32, workers=1, thumbnail_side=512,
+                        precision="fp32")
+    with pytest.raises(SlideError) as caught:
+        extract_slides(folder, tmp_path / "out", cfg, progress=False, log=lambda *_: None)
+    message = str(caught.value)
+    assert str(bad) in message and "tile" in message and "\n" not in message and "Traceback" not in message
+    cfg.skip_bad = True
+    manifest = extract_slides(folder, tmp_path / "out2", cfg, progress=False, log=lambda *_: None)
+    assert manifest["status"].tolist() == ["failed"] and "\n" not in manifest["error"][0]
+    assert not list((tmp_path / "out2" / "features").iterdir())

@@ -72,6 +72,18 @@ def test_synthetic_slide_is_a_tiled_jpeg_aperio_pyramid(slide):
     assert aligned < 8.0 and aligned < 0.5 * shifted
 
 
+def test_openslide_reads_it_too(slide):
+    openslide = pytest.importorskip("openslide")
+    path, spec = slide
+    s = openslide.OpenSlide(str(path))
+    assert s.properties["openslide.vendor"] == "aperio" and s.dimensions == (4096, 3072)
+    assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.499)
+    assert float(s.properties["openslide.objective-power"]) == 20.0
+    with open_slide(path, backend="tiffslide") as t:
+        np.testing.assert_array_equal(np.asarray(s.read_region((1000, 700), 0, (300, 200)))[..., :3],
+                                      t.read_region((1000, 700), 0, (300, 200)))
+
+
 def test_tissue_sections_with_glass_between(slide, bank):
     path, spec = slide
     with open_slide(path) as s:
@@ -96,13 +108,24 @@ def test_build_never_holds_the_whole_image(tmp_path, bank):
     spec = SyntheticSlideSpec(width=8192, height=8192, seed=1, min_level_side=256)
     tracemalloc.start()
     try:
-        write_synthetic_slide(tmp_path / "big.svs", spec, bank=bank, threads=2)
+        # One process: tracemalloc sees only this one.
+        write_synthetic_slide(tmp_path / "big.svs", spec, bank=bank, threads=2, processes=1)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 40e6, f"peak traced memory {peak / 1e6:.0f} MB"
     with open_slide(tmp_path / "big.svs") as s:
         assert s.dimensions == (8192, 8192) and len(s.level_dimensions) == 3
+
+
+def test_worker_processes_write_the_same_file(tmp_path, bank):
+    spec = SyntheticSlideSpec(width=2500, height=1800, seed=8, min_level_side=256)
+    one = write_synthetic_slide(tmp_path / "one.svs", spec, bank=bank, processes=1)
+    two = write_synthetic_slide(tmp_path / "two.svs", spec, bank=bank, processes=2)
+    with tifffile.TiffFile(one) as a, tifffile.TiffFile(two) as b:
+        assert len(a.pages) == len(b.pages) == 3
+        for pa, pb in zip(a.pages, b.pages, strict=True):
+            np.testing.assert_array_equal(pa.asarray(), pb.asarray())
 
 
 def test_cohort_slides_differ(tmp_path):

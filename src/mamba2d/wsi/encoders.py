@@ -133,7 +133,7 @@ class EfficientNetLite0Encoder(nn.Module):
     Input of :meth:`forward`: (N, 3, H, W) RGB, float in [0, 1] or uint8; tiles are resized to
     224 x 224 (bilinear, antialiased: :func:`unit_rgb`) and scaled to [-1, 1] as the lite models
     were trained (mean 127, std 128 on 0-255 pixels). Output: (N, 1280) float32. The encoder is
-    frozen and stays in eval mode, so batch-norm statistics never change.
+    frozen and stays in eval mode; its batch norms are folded into the convolutions at load.
 
     ``weights``: a local state-dict file; None takes the packaged ImageNet weights. Loaded with
     ``weights_only=True``.
@@ -157,6 +157,25 @@ class EfficientNetLite0Encoder(nn.Module):
                              f"unexpected {list(unexpected)[:3]})")
         self.net.requires_grad_(False)
         self.net.eval()
+        self._fold_batch_norms()
+
+    def _fold_batch_norms(self) -> None:
+        """Fold each frozen batch norm into the convolution before it (the same function up to
+        float rounding: one pass over memory less per layer, about a sixth faster on a CPU)."""
+        net = self.net
+        pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+        for block in net._blocks:
+            if hasattr(block, "_expand_conv"):
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        with torch.no_grad():
+            for owner, conv_name, bn_name in pairs:
+                conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+                conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+                setattr(owner, bn_name, nn.Identity())
 
     def train(self, mode: bool = True) -> EfficientNetLite0Encoder:
         return super().train(False)  # frozen: batch-norm statistics must not move

@@ -191,7 +191,7 @@ def _device_for(preference: str, local_rank: int, world: int) -> torch.device:
     device = pick_device(preference)
     if device.type == "cuda" and world > 1 and device.index is None:
         device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device
 

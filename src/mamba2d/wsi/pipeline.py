@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mamba2d.wsi.regions import PatchReader, Region
+from mamba2d.wsi.slides import SlideError
 from mamba2d.wsi.tiling import TilePlan
 
 __all__ = ["EncoderRunner", "FeatureSink", "RegionDataset", "StageClock", "WORKER_STAGES", "native_bf16",
@@ -85,8 +86,10 @@ class StageClock:
 
 class RegionDataset(torch.utils.data.Dataset):
     """Item ``i``: the patches of region ``i`` as (uint8 (k, S, S, 3) RGB tensor, int64 (k,) plan
-    positions, float64 (2,) seconds spent reading and resizing). S = ``plan.patch_size``. Each
-    worker opens its own :class:`PatchReader` on first use."""
+    positions, float64 (2,) seconds spent reading and resizing, error message). S =
+    ``plan.patch_size``. A slide that cannot be read yields an empty tensor and the one-line error
+    (an exception raised in a worker process would reach the main process wrapped in a traceback).
+    Each worker opens its own :class:`PatchReader` on first use."""
 
     def __init__(self, path: Path, mpp: float | None, plan: TilePlan, regions: list[Region],
                  direct: bool = True) -> None:
@@ -96,19 +99,25 @@ class RegionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.regions)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
         start = time.perf_counter()
         p = self.plan
-        if self._reader is None:
-            self._reader = PatchReader(self.path, p.read_level, p.read_size, mpp=self.mpp, direct=self.direct)
         region = self.regions[i]
-        patches = self._reader.read(region.coords)
+        index = torch.from_numpy(np.ascontiguousarray(region.index))
+        try:
+            if self._reader is None:
+                self._reader = PatchReader(self.path, p.read_level, p.read_size, mpp=self.mpp,
+                                           direct=self.direct)
+            patches = self._reader.read(region.coords)
+        except (SlideError, OSError, ValueError) as err:
+            message = str(err) if str(self.path) in str(err) else f"{self.path}: {err}"
+            return torch.zeros(0, dtype=torch.uint8), index, torch.zeros(2, dtype=torch.float64), message
         read = time.perf_counter()
         if p.read_size != p.patch_size:
             patches = resize_patches(patches, p.patch_size)
         done = time.perf_counter()
-        return (torch.from_numpy(patches), torch.from_numpy(np.ascontiguousarray(region.index)),
-                torch.tensor([read - start, done - read], dtype=torch.float64))
+        seconds = torch.tensor([read - start, done - read], dtype=torch.float64)
+        return torch.from_numpy(patches), index, seconds, ""
 
     def __del__(self) -> None:
         if getattr(self, "_reader", None) is not None:
@@ -218,7 +227,7 @@ class FeatureSink:
 # --------------------------------------------------------------------------------------------------
 
 def run_patches(dataset: RegionDataset, runner: EncoderRunner, open_sink: Callable[[int], FeatureSink],
-                workers: int, clock: StageClock, prefetch: int = 4,
+                workers: int, clock: StageClock, prefetch: int = 2,
                 on_patches: Callable[[int], None] | None = None) -> FeatureSink:
     """Read, encode and write every patch of ``dataset``. ``open_sink(D)`` is called once the
     feature width D is known (after the first batch). ``on_patches(k)`` reports progress.
@@ -275,7 +284,9 @@ def run_patches(dataset: RegionDataset, runner: EncoderRunner, open_sink: Callab
         clock.add("wait", time.perf_counter() - t0)
         if item is None:
             break
-        patches, index, seconds = item
+        patches, index, seconds, error = item
+        if error:
+            raise SlideError(error)
         clock.add("read", float(seconds[0]))
         clock.add("resize", float(seconds[1]))
         pieces.append(patches.to(device, non_blocking=True) if cuda else patches)

