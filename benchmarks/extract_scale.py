@@ -132,7 +132,10 @@ def profile_stages(a: argparse.Namespace, slide_path: Path, encoder: torch.nn.Mo
             tiles = sorted({(y // th + dy) * per_row + x // tw + dx for x, y in level_xy
                             for dy in range((y % th + plan.read_size - 1) // th + 1)
                             for dx in range((x % tw + plan.read_size - 1) // tw + 1)})
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # measure the disk, not the page cache
+            try:  # measure the disk rather than the page cache, where the system lets us
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except (OSError, AttributeError):
+                pass
             t0 = time.perf_counter()
             raw = [os.pread(fd, int(page.databytecounts[k]), int(page.dataoffsets[k])) for k in tiles]
             ms["tile_read"] = (time.perf_counter() - t0) / n * 1e3
@@ -258,6 +261,10 @@ def sharding_check(a: argparse.Namespace, cfg: ExtractConfig, scratch: Path) -> 
         if done.returncode != 0:
             raise SystemExit(f"torchrun check failed:\n{done.stderr[-3000:]}")
     result: dict = {"slides": a.check_slides}
+    # Identical on one device in practice; allowed: float rounding of the encoder's precision.
+    tolerance = a.check_tolerance or (1e-2 if resolve_precision(cfg.precision, pick_device(cfg.device))
+                                      == torch.bfloat16 else 1e-5)
+    result["tolerance_relative_to_max"] = tolerance
     ref = runs["single"] / "features"
     names = sorted(p.name for p in ref.glob("*.h5"))
     with h5py.File(ref / names[0]) as f:
@@ -265,13 +272,16 @@ def sharding_check(a: argparse.Namespace, cfg: ExtractConfig, scratch: Path) -> 
     for name, out in runs.items():
         if name == "single":
             continue
-        worst, same = 0.0, True
+        worst, scale, same = 0.0, 0.0, True
         for h5 in names:
             with h5py.File(ref / h5) as fa, h5py.File(out / "features" / h5) as fb:
                 same &= bool(np.array_equal(fa["coords"][:], fb["coords"][:]))
-                worst = max(worst, float(np.abs(fa["features"][:] - fb["features"][:]).max()))
-        result[name] = {"coords_equal": same, "max_abs_feature_diff": worst,
-                        "ok": bool(same and worst <= a.check_tolerance)}
+                same &= fa["features"].shape == fb["features"].shape
+                if same:
+                    worst = max(worst, float(np.abs(fa["features"][:] - fb["features"][:]).max()))
+                    scale = max(scale, float(np.abs(fa["features"][:]).max()))
+        result[name] = {"coords_equal": same, "max_abs_feature_diff": worst, "max_abs_feature": scale,
+                        "ok": bool(same and worst <= tolerance * max(scale, 1.0))}
     return result
 
 
@@ -298,8 +308,9 @@ def main() -> int:
                     help="more end-to-end runs with other worker counts and batch sizes")
     ap.add_argument("--check-slides", type=int, default=4)
     ap.add_argument("--check-patches", type=int, default=300)
-    ap.add_argument("--check-tolerance", type=float, default=1e-3,
-                    help="largest feature difference allowed between sharded and single runs")
+    ap.add_argument("--check-tolerance", type=float,
+                    help="largest feature difference allowed between sharded and single runs, relative to "
+                         "the largest feature (default: 1e-2 in bf16, 1e-5 in fp32)")
     ap.add_argument("--torchrun", action="store_true", help="also check 2 torchrun ranks")
     ap.add_argument("--skip-check", action="store_true")
     a = ap.parse_args()

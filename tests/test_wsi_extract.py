@@ -122,7 +122,9 @@ def test_extract_writes_trident_h5_that_training_reads(tmp_path, slide_dir):
             tile = np.array(Image.fromarray(s.read_region((x, y), 0, (128, 128))).resize((64, 64),
                                                                                       Image.Resampling.BILINEAR))
             direct = encoder(torch.from_numpy(tile).permute(2, 0, 1)[None])[0].numpy()
-            np.testing.assert_allclose(feats[i], direct, rtol=1e-4, atol=1e-5)
+            # float32 through other convolution algorithms (a batch of 64 against one patch).
+            assert np.linalg.norm(feats[i] - direct) / np.linalg.norm(direct) < 1e-5
+            np.testing.assert_allclose(feats[i], direct, rtol=1e-3, atol=1e-4)
     assert (out / "qc" / "cmu.png").read_bytes()[:4] == b"\x89PNG"
 
 
