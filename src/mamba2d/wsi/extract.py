@@ -43,8 +43,7 @@ from mamba2d.wsi.slides import Slide, SlideError, open_slide
 from mamba2d.wsi.tiling import TilePlan, plan_tiles
 from mamba2d.wsi.tissue import TissueParams, save_mask_png, tissue_mask
 
-__all__ = ["SLIDE_EXTENSIONS", "ExtractConfig", "extract_slides", "find_slides", "process_shard",
-           "write_features_h5"]
+__all__ = ["SLIDE_EXTENSIONS", "ExtractConfig", "extract_slides", "find_slides", "write_features_h5"]
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
@@ -212,7 +211,7 @@ def _auto_workers(device: torch.device, local_world: int) -> int:
 
 @dataclass
 class _Worker:
-    """What one process needs to extract its slides: settings, device, encoder (built lazily)."""
+    """What one process needs to extract its slides: settings, device, encoder (built once)."""
 
     cfg: ExtractConfig
     out: Path
@@ -270,14 +269,15 @@ def extract_slides(slides: str | Path, out: str | Path, cfg: ExtractConfig | Non
     if shard.index == 0:
         from mamba2d.train.checkpoint import write_json
 
-        write_json(out / "extract_config.json", {**asdict(cfg), "shard": cfg.shard})
+        write_json(out / "extract_config.json", asdict(cfg))
     sizes = [_file_size(path) for _, path, _ in rows]
     mine = [rows[i] for i in assign_shards(sizes, shard.count)[shard.index]]
     worker = _Worker(cfg, out, device, shard, workers, batch, log, progress)
     if mine:
         worker.encoder()  # bad weights or encoder settings stop the run before any slide is read
-    process_shard(worker, mine)
-    frame = merge_manifest(out, [r[0] for r in rows])
+    all_ids = [r[0] for r in rows]
+    _process_shard(worker, mine, all_ids)
+    frame = merge_manifest(out, all_ids)
     frame.attrs["shard"] = str(shard)
     frame.attrs["mine"] = [r[0] for r in mine]
     return frame
@@ -290,12 +290,12 @@ def _file_size(path: Path) -> int:
         return 0
 
 
-def process_shard(worker: _Worker, rows: list[tuple[str, Path, float | None]]) -> None:
-    """Extract ``rows`` one slide after another (see :func:`extract_slides`)."""
+def _process_shard(worker: _Worker, rows: list[tuple[str, Path, float | None]], all_ids: list[str]) -> None:
+    """Extract ``rows`` one slide after another (see :func:`extract_slides`); ``all_ids``: every
+    slide of the run, which the manifest lists (other processes do the rest)."""
     from tqdm.auto import tqdm
 
     out, cfg = worker.out, worker.cfg
-    all_ids = [r[0] for r in rows]
     last_merge = time.monotonic()
     bar = tqdm(rows, desc=f"{worker.prefix}slides", unit="slide", disable=not worker.progress)
     for slide_id, path, mpp in bar:
