@@ -3,7 +3,7 @@
     python benchmarks/extract_throughput.py --slide cmu_small_region.svs --out-json results.json
 
 Three numbers, in patches per second:
-- ``read``: the DataLoader alone (tiles read from the slide, resized to the patch size);
+- ``read``: the DataLoader alone (regions of patches read from the slide, resized to the patch size);
 - ``encode``: the encoder alone on tiles already in memory (bf16 autocast on CUDA), batches of
   ``--batch-size``, repeated to ``--encode-patches`` patches;
 - ``end_to_end``: ``extract_slides`` on the slide (tissue mask, QC picture, tiling, reading,
@@ -26,7 +26,9 @@ import torch
 
 from mamba2d.train.distributed import pick_device
 from mamba2d.wsi.encoders import build_encoder
-from mamba2d.wsi.extract import ExtractConfig, _PatchDataset, extract_slides
+from mamba2d.wsi.extract import ExtractConfig, extract_slides
+from mamba2d.wsi.pipeline import RegionDataset
+from mamba2d.wsi.regions import plan_regions, region_block
 from mamba2d.wsi.slides import open_slide
 from mamba2d.wsi.tiling import plan_tiles
 from mamba2d.wsi.tissue import tissue_mask
@@ -61,14 +63,15 @@ def main() -> int:
         thumb, ds = slide.thumbnail(2048)
         mask = tissue_mask(thumb, slide.mpp * ds)
         plan = plan_tiles(slide, mask, ds, a.magnification, a.patch_size)
+        regions = plan_regions(plan, region_block(plan.read_size, slide.tile_size(plan.read_level)))
     n = len(plan.coords)
     result["patches"] = n
 
     # Reading alone.
-    loader = torch.utils.data.DataLoader(_PatchDataset(Path(a.slide), None, plan), batch_size=a.batch_size,
+    loader = torch.utils.data.DataLoader(RegionDataset(Path(a.slide), None, plan, regions), batch_size=None,
                                          num_workers=a.workers)
     t0 = time.perf_counter()
-    tiles = torch.cat(list(loader))
+    tiles = torch.cat([item[0] for item in loader]).permute(0, 3, 1, 2)
     result["read_patches_per_s"] = round(n / (time.perf_counter() - t0), 1)
 
     # Encoding alone, on tiles in memory.

@@ -38,7 +38,7 @@ def slide_dir(tmp_path_factory) -> Path:
     return d
 
 
-FAST = dict(magnification=10.0, patch_size=64, input_size=64, batch_size=64)
+FAST = dict(magnification=10.0, patch_size=64, input_size=64, batch_size=64, precision="fp32")
 
 
 def test_open_slide_reads_metadata_and_pixels(slide_dir):
@@ -111,17 +111,20 @@ def test_extract_writes_trident_h5_that_training_reads(tmp_path, slide_dir):
     assert (attrs["level0_width"], attrs["level0_height"]) == (2220, 2967)
     bag = read_bag(h5)
     assert bag.patch_size_level0 == 128 and torch.equal(bag.coords, torch.as_tensor(coords))
-    # Row i is the encoder's output on the patch at coords[i] (read, resized to 64 px, encoded).
+    # Row i is the encoder's output on the patch at coords[i] (read, resized to the 64-px patch by
+    # PIL, handed to the encoder as 8-bit pixels, which it resizes to its input and scales).
     encoder = build_encoder("efficientnet_lite0", input_size=64)
     from PIL import Image
 
     with open_slide(slide_dir / "cmu.svs") as s:
         for i in (0, len(coords) // 2, len(coords) - 1):
             x, y = (int(v) for v in coords[i])
-            tile = np.asarray(Image.fromarray(s.read_region((x, y), 0, (128, 128))).resize((64, 64),
-                                                                                       Image.Resampling.BILINEAR))
-            direct = encoder(torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 255.0)[0].numpy()
-            np.testing.assert_allclose(feats[i], direct, rtol=1e-4, atol=1e-5)
+            tile = np.array(Image.fromarray(s.read_region((x, y), 0, (128, 128))).resize((64, 64),
+                                                                                      Image.Resampling.BILINEAR))
+            direct = encoder(torch.from_numpy(tile).permute(2, 0, 1)[None])[0].numpy()
+            # float32 through other convolution algorithms (a batch of 64 against one patch).
+            assert np.linalg.norm(feats[i] - direct) / np.linalg.norm(direct) < 1e-5
+            np.testing.assert_allclose(feats[i], direct, rtol=1e-3, atol=1e-4)
     assert (out / "qc" / "cmu.png").read_bytes()[:4] == b"\x89PNG"
 
 

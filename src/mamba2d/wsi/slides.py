@@ -72,6 +72,15 @@ class Slide:
                 best = k
         return best
 
+    def tile_size(self, level: int) -> int | None:
+        """Side of the stored tiles of ``level`` in pixels (None when the backend does not say)."""
+        props = getattr(self._handle, "properties", {}) or {}
+        value = props.get(f"{self.backend}.level[{int(level)}].tile-width")
+        try:
+            return int(value) if value else None
+        except (TypeError, ValueError):
+            return None
+
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (height, width, 3) of ``size`` = (width, height) pixels at ``level``, whose
         top-left corner is ``location`` = (x, y) in level-0 pixels. Outside the slide reads white."""

@@ -90,14 +90,25 @@ def _drop_small(mask: np.ndarray, min_area: float, keep_border: bool = False) ->
 
 def save_mask_png(path: str | Path, rgb: np.ndarray, mask: np.ndarray, title: str | None = None,
                   tiles: np.ndarray | None = None, tile_px: float | None = None) -> Path:
-    """Write the image with the mask's contour (green) and, optionally, the kept tiles (blue
-    squares: ``tiles`` (N, 2) top-left (x, y) and side ``tile_px``, in ``rgb``'s pixels), atomically."""
+    """Write the image with the mask's contour (green) and, optionally, the kept tiles (``tiles``
+    (N, 2) top-left (x, y) and side ``tile_px``, in ``rgb``'s pixels), atomically. Tiles of at least
+    6 pixels are drawn as blue squares; smaller ones (a large slide on a thumbnail) as a blue tint,
+    so that the picture takes the same short time for 100 000 patches as for 100."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
 
     from mamba2d.train.checkpoint import atomic_write
 
+    # The picture is 720 pixels wide: draw from an image of at most about 1024 pixels.
+    step = max(1, max(mask.shape) // 1024)
+    if step > 1:
+        from PIL import Image
+
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).reduce(step))
+        mask = mask[::step, ::step][:rgb.shape[0], :rgb.shape[1]]
+        tiles = None if tiles is None else np.asarray(tiles, dtype=np.float64) / step
+        tile_px = None if tile_px is None else tile_px / step
     h, w = mask.shape
     fig = Figure(figsize=(6.0, 6.0 * h / max(w, 1) + 0.4), dpi=120)
     FigureCanvasAgg(fig)
@@ -105,10 +116,19 @@ def save_mask_png(path: str | Path, rgb: np.ndarray, mask: np.ndarray, title: st
     ax.imshow(rgb)
     if mask.any():
         ax.contour(mask.astype(float), levels=[0.5], colors="lime", linewidths=1.2)
-    if tiles is not None and tile_px:
-        for x, y in np.asarray(tiles):
-            ax.add_patch(Rectangle((x, y), tile_px, tile_px, fill=False, edgecolor="royalblue",
-                                   linewidth=0.4))
+    if tiles is not None and tile_px and len(tiles):
+        tiles = np.asarray(tiles, dtype=np.float64)
+        if tile_px >= 6:
+            corners = np.array([[0.0, 0.0], [tile_px, 0.0], [tile_px, tile_px], [0.0, tile_px]])
+            ax.add_collection(PolyCollection(tiles[:, None, :] + corners[None], facecolors="none",
+                                             edgecolors="royalblue", linewidths=0.4))
+        else:
+            tint = np.zeros((rgb.shape[0], rgb.shape[1], 4), dtype=np.float32)
+            x0, y0 = np.floor(tiles).astype(int).T
+            x1, y1 = np.ceil(tiles + tile_px).astype(int).T
+            for a, b, c, d in zip(y0, y1, x0, x1, strict=True):
+                tint[max(a, 0):b, max(c, 0):d] = (0.25, 0.41, 0.88, 0.35)
+            ax.imshow(tint, interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
