@@ -8,25 +8,28 @@ horizontal one), whatever the layout, so no input is ever transposed or flipped:
   updates elementwise;
 - ``transpose`` (vertical pass first): the row buffer holds g and the running vector is h.
 
-So the forward keeps O(W * dstate) state per channel and writes only ``out``. The backward
+The forward therefore keeps O(W * dstate) state per channel and writes only ``out``. The backward
 recomputes one channel's vertical states for the whole grid into per-thread scratch
 ((H + 1) * W * dstate numbers), then walks the rows in reverse, recomputing each row's decays and
 running states, and runs both adjoint recurrences (the vertical adjoint again as a row buffer, the
-horizontal one as a running vector).
+horizontal one as a running vector). Softplus, the D skip and the z gate are fused: they cost one
+pass over each row, not a pass of torch over (batch, dim, L) tensors.
 
-Work split: the forward runs one (batch, channel) per parallel item. The backward runs one
-(batch, group, chunk of channels) per item; every channel of a group shares B and C, so each
-item accumulates its own copy of dB and dC (batch, groups, chunks, L, dstate), summed afterwards
-in a fixed order: the result is deterministic for a given thread count (the chunk count follows it).
+Work split: the forward runs one (batch, channel) per item. The backward runs one (batch, group,
+chunk of channels) per item; every channel of a group shares B and C, so each item accumulates its
+own copy of dB and dC (batch, groups, chunks, L, dstate), added afterwards in a fixed order: the
+result is deterministic for a given thread count (the chunk count follows it). The items are
+split into ``torch.get_num_threads()`` equal ranges run by Python threads; the kernels release
+the GIL (numba's own threading layer is not used).
 
 Precision: float64 inputs compute in float64; every other dtype is converted to float32 by torch
 around the call (numba has no bfloat16). Sums over the grid (dA, dD, ddelta_bias) add float32 row
-sums into float64. The float32 exponential is a polynomial that vectorises (libm's ``expf`` does not
-without Intel's SVML); its relative error is a few float32 ulps.
+sums into float64. The float32 exp and log are polynomials that vectorise (libm's do not without
+Intel's SVML), within a few float32 ulps; float64 uses libm.
 
 Options (flips, transpose, softplus, z) are runtime arguments, so each kernel compiles once per
-working dtype. Compiled code is cached next to this file (or numba's user-wide cache) when one of
-those is writable; otherwise every process compiles it again.
+working dtype. Compiled code is cached next to this file (or in numba's user-wide cache) when one
+of those is writable; otherwise every process compiles it again.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
@@ -47,8 +49,10 @@ from mamba2d.ops.layout import ScanLayout
 
 POISON_OUTPUTS = False  # tests set this to fill every output buffer with NaN before a kernel runs
 
-# No nnan/ninf: a NaN or inf in the inputs still propagates to the outputs.
+# The kernels' flags. No nnan/ninf: a NaN or inf in the inputs still reaches the outputs.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+# The float32 elementary functions below are inlined into the kernels and so compiled with these
+# flags too: they are written to stay accurate under reassociation (no exact-cancellation tricks).
 
 
 def _jit(**options):
@@ -63,19 +67,20 @@ def _jit(**options):
     return wrap
 
 
-# --- exp: a vectorisable float32 version; math.exp for float64 ---------------------------------
+# --- float32 exp, log1p on (0, 1], softplus, sigmoid; float64 through libm ----------------------
 
 _LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)  # ln 2 split in two (Cody-Waite): k * hi is exact
+_LN2_HI = np.float32(0.693359375)  # ln 2 in two parts (Cody-Waite): k * hi is exact
 _LN2_LO = np.float32(-2.12194440e-4)
-_EXP_LO = np.float32(-87.33)  # exp(x) >= the smallest normal float32 above this
+_EXP_LO = np.float32(-87.33)  # exp(x) stays a normal float32 above this
 _EXP_HI = np.float32(88.37)
-_P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
-_P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
-_ONE32 = np.float32(1.0)
-_HALF32 = np.float32(0.5)
-_BIAS32 = np.int32(127)
-_SHIFT32 = np.int32(23)
+_E0, _E1, _E2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+_E3, _E4, _E5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+# log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3: the atanh series to s**13 (relative error < 2e-8).
+_ATANH = tuple(np.float32(1.0 / (2 * k + 1)) for k in range(7))
+_ZERO32, _HALF32, _ONE32, _TWO32 = np.float32(0.0), np.float32(0.5), np.float32(1.0), np.float32(2.0)
+_BIAS32, _SHIFT32 = np.int32(127), np.int32(23)
+_SOFTPLUS_LINEAR = 20.0  # above this softplus(x) = x in float64 too (torch's threshold)
 
 
 @intrinsic
@@ -90,21 +95,38 @@ def _bits_to_f32(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@njit(fastmath={"contract"}, inline="always")
+@njit(inline="always", cache=False)
 def _exp_f32(x):
-    # Without reassoc: the two-part ln 2 reduction must not be folded back into one product.
     x = min(max(x, _EXP_LO), _EXP_HI)
-    k = math.floor(x * _LOG2E + _HALF32)
+    k = np.floor(x * _LOG2E + _HALF32)  # float32 (math.floor would give an int64)
+    # If reassociation folds the two parts of ln 2 into one float32, r gains |k| * 2e-9: still within
+    # 2.5e-7 of exp(x) at the most negative k (and 3e-8 for the decays of a scan, |k| <= 15).
     r = x - k * _LN2_HI
     r = r - k * _LN2_LO
-    p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+    p = ((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5
     p = p * r * r + r + _ONE32
-    scale = _bits_to_f32(np.int32((np.int32(k) + _BIAS32) << _SHIFT32))  # 2**k
-    return p * scale
+    return p * _bits_to_f32(np.int32((np.int32(k) + _BIAS32) << _SHIFT32))  # p * 2**k
 
 
-def _exp(x):  # placeholder resolved by the overload below inside compiled code
+@njit(inline="always", cache=False)
+def _log1p_f32(e):
+    """log(1 + e) for 0 <= e <= 1, without forming 1 + e."""
+    s = e / (_TWO32 + e)
+    s2 = s * s
+    c0, c1, c2, c3, c4, c5, c6 = _ATANH
+    return _TWO32 * s * ((((((c6 * s2 + c5) * s2 + c4) * s2 + c3) * s2 + c2) * s2 + c1) * s2 + c0)
+
+
+def _exp(x):  # placeholders, resolved by the overloads below inside compiled code
     return math.exp(x)
+
+
+def _softplus(x):
+    return x if x > _SOFTPLUS_LINEAR else math.log1p(math.exp(x))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
 
 
 @overload(_exp, inline="always")
@@ -114,67 +136,132 @@ def _exp_impl(x):
     return lambda x: math.exp(x)
 
 
+@overload(_softplus, inline="always")
+def _softplus_impl(x):
+    if x == types.float32:
+        return lambda x: max(x, _ZERO32) + _log1p_f32(_exp_f32(-abs(x)))
+    return lambda x: x if x > _SOFTPLUS_LINEAR else math.log1p(math.exp(x))
+
+
+@overload(_sigmoid, inline="always")
+def _sigmoid_impl(x):
+    if x == types.float32:
+        return lambda x: _ONE32 / (_ONE32 + _exp_f32(-x))
+    return lambda x: 1.0 / (1.0 + math.exp(-x))
+
+
 # --- kernels ---------------------------------------------------------------------------------
-# ins = (u, dt, A, B, C): u, dt (batch, dim, L), dt = Δ already through delta_bias and softplus;
-# A (dim, N); B, C (batch, groups, L, N). opt = (flip_h, flip_v, transpose, H, W).
-# Inner loops run over the N states of one cell on 1D views, so that they vectorise.
+# ins = (u, delta, z, A, B, C, D, delta_bias): u, delta, z (batch, dim, L), z a (1, 1, 1) placeholder
+# without a gate; A (dim, N); B, C (batch, groups, L, N); D, delta_bias (dim,), zeros when absent.
+# opt = (has_z, softplus, flip_h, flip_v, transpose, H, W). Row quantities are indexed by column j;
+# loops over the N states of one cell, or over the W cells of one row, run on 1D views so that
+# they vectorise.
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _row_forward(i, slot, prev, W, flip_h, transpose, u_c, dt_c, Bg, Cg, A_c, V, R, a, y_c):
-    """One row of the forward: sets the vertical states V[slot * W + j] from V[prev * W + j] and
-    y_c[cell] = Σ_n C h for the cells of row i.
+def _decays(a, dt, A_c):
+    """a[n] = exp(Δ A[c, n]) for the N states of one cell."""
+    for n in range(A_c.shape[0]):
+        a[n] = _exp(dt * A_c[n])
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _row_forward(i, slot, prev, W, flip_h, transpose, u_c, dt_c, Bg, Cg, A_c, V, R, a, y_row):
+    """The two passes over row i: sets the vertical states V[slot * W + j] from V[prev * W + j]
+    (slot != prev) and y_row[j] = Σ_n C h of every cell (i, j).
 
     V: (slots * W, N) vertical states; R: (N,) scratch for the running horizontal state; a: (N,) scratch.
+    Branches on the options sit outside the loop over cells: inside, they halved its speed.
     """
     N = A_c.shape[0]
+    zero = A_c.dtype.type(0)  # typed constants: an int literal would promote float32 to float64
+    j0, dj = (W - 1, -1) if flip_h else (0, 1)  # the t-th cell of the horizontal scan is column j0 + t dj
     R[:] = 0
-    for t in range(W):
-        j = W - 1 - t if flip_h else t
-        cell = i * W + j
-        dt = dt_c[cell]
-        dtu = dt * u_c[cell]
-        b_n, c_n = Bg[cell], Cg[cell]
-        v_old, v_new = V[prev * W + j], V[slot * W + j]
-        for n in range(N):
-            a[n] = _exp(dt * A_c[n])
-        acc = dt * 0
-        if transpose:  # vertical pass first: V holds g, R holds h
+    if transpose:  # vertical pass first: V holds g, R holds h
+        for t in range(W):
+            j = j0 + t * dj
+            cell = i * W + j
+            dt = dt_c[cell]
+            dtu = dt * u_c[cell]
+            b_n, c_n, v_old, v_new = Bg[cell], Cg[cell], V[prev * W + j], V[slot * W + j]
+            _decays(a, dt, A_c)
+            acc = zero
             for n in range(N):
                 v = a[n] * v_old[n] + dtu * b_n[n]
                 v_new[n] = v
                 r = a[n] * R[n] + v
                 R[n] = r
                 acc += c_n[n] * r
-        else:  # horizontal pass first: R holds g, V holds h
+            y_row[j] = acc
+    else:  # horizontal pass first: R holds g, V holds h
+        for t in range(W):
+            j = j0 + t * dj
+            cell = i * W + j
+            dt = dt_c[cell]
+            dtu = dt * u_c[cell]
+            b_n, c_n, v_old, v_new = Bg[cell], Cg[cell], V[prev * W + j], V[slot * W + j]
+            _decays(a, dt, A_c)
+            acc = zero
             for n in range(N):
                 r = a[n] * R[n] + dtu * b_n[n]
                 R[n] = r
                 v = a[n] * v_old[n] + r
                 v_new[n] = v
                 acc += c_n[n] * v
-        y_c[cell] = acc
+            y_row[j] = acc
+
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _row_dt(dlt_r, bias_c, softplus, dt_r, dsp_r):
+    """dt_r = Δ of one row: delta + bias, through softplus when asked; dsp_r = dΔ/d(delta + bias)."""
+    one = dt_r.dtype.type(1)
+    if softplus:
+        for j in range(dlt_r.shape[0]):
+            x = dlt_r[j] + bias_c
+            dt_r[j] = _softplus(x)
+            dsp_r[j] = _sigmoid(x)
+    else:
+        for j in range(dlt_r.shape[0]):
+            dt_r[j] = dlt_r[j] + bias_c
+            dsp_r[j] = one
 
 
 @_jit(nogil=True, fastmath=_FASTMATH)
-def _scan_fwd(start, stop, ins, opt, y):
-    """y[b, c] = Σ_n C h (no D, no gate) for the items start <= b * dim + c < stop. Releases the GIL."""
-    u, dt, A, Bt, Ct = ins
-    flip_h, flip_v, transpose, H, W = opt
-    dim = u.shape[1]
+def _scan_fwd(start, stop, ins, opt, out):
+    """out[b, c] = (Σ_n C h + D u) · silu(z) for the items start <= b * dim + c < stop. Releases the GIL."""
+    u, dlt, z, A, Bt, Ct, D, bias = ins
+    has_z, softplus, flip_h, flip_v, transpose, H, W = opt
+    dim, L = u.shape[1], u.shape[2]
     N = A.shape[1]
     per = dim // Bt.shape[1]
-    V = np.empty((W, N), dtype=u.dtype)  # one row of vertical states, updated in place row after row
+    # Two rows of vertical states, used in turn: updating one row in place would make the old and the
+    # new states the same memory, which fails LLVM's overlap check and runs the state loop unvectorised.
+    V = np.empty((2 * W, N), dtype=u.dtype)
     R = np.empty(N, dtype=u.dtype)
     a = np.empty(N, dtype=u.dtype)
+    dt_c = np.empty(L, dtype=u.dtype)
+    dsp = np.empty(W, dtype=u.dtype)
+    y_row = np.empty(W, dtype=u.dtype)
     for item in range(start, stop):
         b, c = item // dim, item % dim
         g = c // per
+        u_c, D_c = u[b, c], D[c]
+        z_c = z[b, c] if has_z else z[0, 0]
         V[:] = 0
         for s in range(H):
             i = H - 1 - s if flip_v else s
-            _row_forward(i, 0, 0, W, flip_h, transpose, u[b, c], dt[b, c], Bt[b, g], Ct[b, g], A[c], V, R, a,
-                         y[b, c])
+            row = slice(i * W, (i + 1) * W)
+            _row_dt(dlt[b, c, row], bias[c], softplus, dt_c[row], dsp)
+            _row_forward(i, (s + 1) % 2, s % 2, W, flip_h, transpose, u_c, dt_c, Bt[b, g], Ct[b, g], A[c], V,
+                         R, a, y_row)
+            u_r, o_r = u_c[row], out[b, c, row]
+            if has_z:
+                z_r = z_c[row]
+                for j in range(W):
+                    o_r[j] = (y_row[j] + D_c * u_r[j]) * z_r[j] * _sigmoid(z_r[j])
+            else:
+                for j in range(W):
+                    o_r[j] = y_row[j] + D_c * u_r[j]
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
@@ -187,8 +274,8 @@ def _cell_adjoint(a_n, b_n, c_n, dy, dt, dtu, A_c, lam1, lam2, pre1, pre2, h_n, 
     share of dB, dC into db_n, dc_n. Every argument but the scalars is an (N,) view.
     """
     N = A_c.shape[0]
-    s1 = dt * 0
-    s2 = dt * 0
+    s1 = A_c.dtype.type(0)
+    s2 = A_c.dtype.type(0)
     for n in range(N):
         an = a_n[n]
         p = c_n[n] * dy + lam1[n]  # adjoint of the second pass
@@ -205,94 +292,138 @@ def _cell_adjoint(a_n, b_n, c_n, dy, dt, dtu, A_c, lam1, lam2, pre1, pre2, h_n, 
 
 
 @_jit(fastmath=_FASTMATH, inline="always")
-def _channel_backward(b, c, g, ins, dy, opt, grads, dBk, dCk, scratch):
-    """Channel c of batch b: y, du, ddt, dA_p (see ``_scan_bwd``); dB and dC added into dBk, dCk (L, N)."""
-    u, dt, A, Bt, Ct = ins
-    flip_h, flip_v, transpose, H, W = opt
-    y, du, ddt, dA_p = grads[0], grads[1], grads[2], grads[3]
-    V, Rrow, arow, lam, rowA, dA = scratch
-    N = A.shape[1]
-    u_c, dt_c, dy_c = u[b, c], dt[b, c], dy[b, c]
-    A_c = A[c]
-    Bg, Cg = Bt[b, g], Ct[b, g]
+def _cell_grads(b, c, cell, s1, s2, dy, dt, u_c, D_c, dsp_c, du, ddelta):
+    """du and ddelta of one cell from the sums of ``_cell_adjoint``; returns ddelta (for ddelta_bias)."""
+    gd = (s1 + u_c[cell] * s2) * dsp_c[cell]
+    ddelta[b, c, cell] = gd
+    du[b, c, cell] = dt * s2 + D_c * dy
+    return gd
 
-    # The forward again, keeping every row's vertical states: row s in V[(s + 1) * W + j], V[:W] = 0.
+
+@_jit(fastmath=_FASTMATH, inline="always")
+def _channel_backward(b, c, g, ins, dout, opt, grads, dBk, dCk, scratch):
+    """Every gradient of channel c in batch b (see ``_scan_bwd``); dB and dC added into dBk, dCk (L, N)."""
+    u, dlt, z, A, Bt, Ct, D, bias = ins
+    has_z, softplus, flip_h, flip_v, transpose, H, W = opt
+    du, ddelta, dz, dA_p, dD_p, dbias_p = grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]
+    V, Rrow, arow, lam, rowA, dA, dt_c, dsp_c, dy_c, y_row = scratch
+    N = A.shape[1]
+    zero, one = u.dtype.type(0), u.dtype.type(1)
+    u_c, A_c, D_c = u[b, c], A[c], D[c]
+    z_c = z[b, c] if has_z else z[0, 0]
+    Bg, Cg = Bt[b, g], Ct[b, g]
+    j0, dj = (W - 1, -1) if flip_h else (0, 1)  # the t-th cell of the horizontal scan is column j0 + t dj
+
+    # The forward again, keeping every row's vertical states (row s in V[(s + 1) * W + j], V[:W] = 0),
+    # Δ and its derivative (dt_c, dsp_c), and the gradient dy_c of y = Σ_n C h.
+    dD = 0.0
     for s in range(H):
         i = H - 1 - s if flip_v else s
-        _row_forward(i, s + 1, s, W, flip_h, transpose, u_c, dt_c, Bg, Cg, A_c, V, Rrow[0], arow[0], y[b, c])
+        row = slice(i * W, (i + 1) * W)
+        _row_dt(dlt[b, c, row], bias[c], softplus, dt_c[row], dsp_c[row])
+        _row_forward(i, s + 1, s, W, flip_h, transpose, u_c, dt_c, Bg, Cg, A_c, V, Rrow[0], arow[0], y_row)
+        u_r, g_r, dy_r = u_c[row], dout[b, c, row], dy_c[row]
+        if has_z:
+            z_r, dz_r = z_c[row], dz[b, c, row]
+            for j in range(W):
+                zv = z_r[j]
+                sig = _sigmoid(zv)
+                dz_r[j] = g_r[j] * (y_row[j] + D_c * u_r[j]) * sig * (one + zv * (one - sig))
+                dy_r[j] = g_r[j] * zv * sig
+        else:
+            dy_r[:] = g_r
+        dD_row = zero
+        for j in range(W):
+            dD_row += dy_r[j] * u_r[j]
+        dD += dD_row  # float64: the sum over rows of float32 row sums
 
     # The adjoints, rows in reverse. lam[j]: the vertical pass's adjoint carried up column j;
     # lam[W]: the horizontal pass's adjoint carried along the row.
     lam[:] = 0
     Rrow[0] = 0
     dA[:] = 0
+    dbias = 0.0
     for s in range(H - 1, -1, -1):
         i = H - 1 - s if flip_v else s
         # This row's decays and horizontal states, in horizontal scan order: arow[t], Rrow[t + 1].
-        for t in range(W):
-            j = W - 1 - t if flip_h else t
-            cell = i * W + j
-            dtv = dt_c[cell]
-            dtu = dtv * u_c[cell]
-            a_n, r_old, r_new = arow[t], Rrow[t], Rrow[t + 1]
-            for n in range(N):
-                a_n[n] = _exp(dtv * A_c[n])
-            if transpose:
-                v_n = V[(s + 1) * W + j]
+        if transpose:
+            for t in range(W):
+                j = j0 + t * dj
+                cell = i * W + j
+                a_n, r_old, r_new, v_n = arow[t], Rrow[t], Rrow[t + 1], V[(s + 1) * W + j]
+                _decays(a_n, dt_c[cell], A_c)
                 for n in range(N):
                     r_new[n] = a_n[n] * r_old[n] + v_n[n]
-            else:
-                b_n = Bg[cell]
+        else:
+            for t in range(W):
+                j = j0 + t * dj
+                cell = i * W + j
+                dtu = dt_c[cell] * u_c[cell]
+                a_n, r_old, r_new, b_n = arow[t], Rrow[t], Rrow[t + 1], Bg[cell]
+                _decays(a_n, dt_c[cell], A_c)
                 for n in range(N):
                     r_new[n] = a_n[n] * r_old[n] + dtu * b_n[n]
         rowA[:] = 0
         lam[W] = 0  # the horizontal adjoint starts afresh at the end of every row
-        for t in range(W - 1, -1, -1):
-            j = W - 1 - t if flip_h else t
-            cell = i * W + j
-            dyv, dtv, uv = dy_c[cell], dt_c[cell], u_c[cell]
-            dtu = dtv * uv
-            b_n, c_n, db_n, dc_n = Bg[cell], Cg[cell], dBk[cell], dCk[cell]
-            if transpose:  # second pass horizontal (Rrow, lam[W]), first vertical (V, lam[j])
-                s1, s2 = _cell_adjoint(arow[t], b_n, c_n, dyv, dtv, dtu, A_c, lam[W], lam[j], Rrow[t],
-                                       V[s * W + j], Rrow[t + 1], db_n, dc_n, rowA)
-            else:  # second pass vertical (V, lam[j]), first horizontal (Rrow, lam[W])
-                s1, s2 = _cell_adjoint(arow[t], b_n, c_n, dyv, dtv, dtu, A_c, lam[j], lam[W], V[s * W + j],
-                                       Rrow[t], V[(s + 1) * W + j], db_n, dc_n, rowA)
-            ddt[b, c, cell] = s1 + uv * s2
-            du[b, c, cell] = dtv * s2
+        dbias_row = zero
+        if transpose:  # second pass horizontal (Rrow, lam[W]), first vertical (V, lam[j])
+            for t in range(W - 1, -1, -1):
+                j = j0 + t * dj
+                cell = i * W + j
+                dyv, dtv = dy_c[cell], dt_c[cell]
+                s1, s2 = _cell_adjoint(arow[t], Bg[cell], Cg[cell], dyv, dtv, dtv * u_c[cell], A_c, lam[W],
+                                       lam[j], Rrow[t], V[s * W + j], Rrow[t + 1], dBk[cell], dCk[cell], rowA)
+                dbias_row += _cell_grads(b, c, cell, s1, s2, dyv, dtv, u_c, D_c, dsp_c, du, ddelta)
+        else:  # second pass vertical (V, lam[j]), first horizontal (Rrow, lam[W])
+            for t in range(W - 1, -1, -1):
+                j = j0 + t * dj
+                cell = i * W + j
+                dyv, dtv = dy_c[cell], dt_c[cell]
+                s1, s2 = _cell_adjoint(arow[t], Bg[cell], Cg[cell], dyv, dtv, dtv * u_c[cell], A_c, lam[j],
+                                       lam[W], V[s * W + j], Rrow[t], V[(s + 1) * W + j], dBk[cell],
+                                       dCk[cell], rowA)
+                dbias_row += _cell_grads(b, c, cell, s1, s2, dyv, dtv, u_c, D_c, dsp_c, du, ddelta)
         for n in range(N):
             dA[n] += rowA[n]  # float64: the sum over rows of float32 row sums
+        dbias += dbias_row
+    # These two stores stay before the final loop: placed after it, numba 0.68 under CPython 3.11
+    # left them out of the compiled function (the poisoned-output tests catch that).
+    dD_p[b, c] = dD
+    dbias_p[b, c] = dbias
     for n in range(N):
         dA_p[b, c, n] = dA[n]
 
 
 @_jit(nogil=True, fastmath=_FASTMATH)
-def _scan_bwd(start, stop, ins, dy, opt, K, grads):
-    """Gradients through the state recurrences of the items start <= (b * groups + g) * K + k < stop:
-    chunk k of K of group g's channels in batch b. Releases the GIL.
+def _scan_bwd(start, stop, ins, dout, opt, K, grads):
+    """All gradients of the items start <= (b * groups + g) * K + k < stop: chunk k of K of group g's
+    channels in batch b. Releases the GIL.
 
-    dy: (batch, dim, L), the gradient of y = Σ_n C h. grads = (y, du, ddt, dA_p, dB_p, dC_p): y again
-    (for the z gate's gradient), du and ddt (batch, dim, L) through the scan only, dA_p (batch, dim, N),
-    and per-chunk sums dB_p, dC_p (batch, groups, K, L, N).
+    dout: (batch, dim, L). grads = (du, ddelta, dz, dA_p, dD_p, dbias_p, dB_p, dC_p): du, ddelta, dz
+    (batch, dim, L), dz a placeholder without a gate; per-(batch, channel) sums dA_p (batch, dim, N),
+    dD_p, dbias_p (batch, dim); per-chunk sums dB_p, dC_p (batch, groups, K, L, N).
     """
-    u, A, Bt = ins[0], ins[2], ins[3]
-    H, W = opt[3], opt[4]
-    dBp, dCp = grads[4], grads[5]
+    u, A, Bt = ins[0], ins[3], ins[4]
+    H, W = opt[5], opt[6]
+    dBp, dCp = grads[6], grads[7]
+    L = u.shape[2]
     N = A.shape[1]
     groups = Bt.shape[1]
     per = u.shape[1] // groups
-    V = np.empty(((H + 1) * W, N), dtype=u.dtype)
+    dtype = u.dtype
+    V = np.empty(((H + 1) * W, N), dtype=dtype)
     V[:W] = 0  # the row before the first
-    scratch = (V, np.empty((W + 1, N), dtype=u.dtype), np.empty((W, N), dtype=u.dtype),
-               np.empty((W + 1, N), dtype=u.dtype), np.empty(N, dtype=u.dtype), np.empty(N, dtype=np.float64))
+    scratch = (V, np.empty((W + 1, N), dtype=dtype), np.empty((W, N), dtype=dtype),
+               np.empty((W + 1, N), dtype=dtype), np.empty(N, dtype=dtype), np.empty(N, dtype=np.float64),
+               np.empty(L, dtype=dtype), np.empty(L, dtype=dtype), np.empty(L, dtype=dtype),
+               np.empty(W, dtype=dtype))
     for item in range(start, stop):
         b, g, k = item // (groups * K), (item // K) % groups, item % K
         dBk, dCk = dBp[b, g, k], dCp[b, g, k]
         dBk[:] = 0
         dCk[:] = 0
         for c in range(g * per + (k * per) // K, g * per + ((k + 1) * per) // K):
-            _channel_backward(b, c, g, ins, dy, opt, grads, dBk, dCk, scratch)
+            _channel_backward(b, c, g, ins, dout, opt, grads, dBk, dCk, scratch)
 
 
 # --- torch side ------------------------------------------------------------------------------
@@ -353,6 +484,15 @@ def channel_chunks(batch_groups: int, per_group: int, threads: int) -> int:
     return best
 
 
+def _sum_chunks(parts: torch.Tensor) -> torch.Tensor:
+    """(batch, groups, K, L, N) -> (batch, groups, L, N), adding the chunks in order (deterministic;
+    also far faster than ``sum(dim=2)``, which took ~20 ms for K = 2 at L = 1024 on 2 threads)."""
+    total = parts[:, :, 0]
+    for k in range(1, parts.shape[2]):
+        total = total + parts[:, :, k]
+    return total
+
+
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype)
@@ -360,43 +500,39 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 class _Inputs:
-    """The inputs in the working dtype (float64 for float64 u, else float32), for the kernels.
+    """The inputs as contiguous numpy arrays of the working dtype (float64 for float64 u, else float32).
 
-    ``ins`` = (u, dt, A, B, C) as contiguous numpy arrays: u, dt (batch, dim, L) with
-    dt = softplus?(delta + delta_bias); A (dim, N); B, C transposed to (batch, groups, L, N) so that the
-    states of one cell are contiguous. ``dt_raw`` keeps delta + delta_bias for softplus's derivative.
+    ``ins`` = (u, delta, z, A, B, C, D, delta_bias) in the kernels' layout: B and C transposed to
+    (batch, groups, L, N) so that the states of one cell are contiguous; D and delta_bias zeros when
+    absent (adding zero changes nothing); z a (1, 1, 1) placeholder when absent.
     """
 
-    def __init__(self, u, delta, A, B, C, delta_bias, softplus: bool):
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias):
         wd = torch.float64 if u.dtype == torch.float64 else torch.float32
         self.wd = wd
-        self.u = u.detach().to(wd).contiguous()
-        dt = delta.detach().to(wd)
-        if delta_bias is not None:
-            dt = dt + delta_bias.detach().to(wd)[None, :, None]
-        self.dt_raw = dt
-        self.dt = (F.softplus(dt) if softplus else dt).contiguous()
-        bt = B.detach().to(wd).transpose(2, 3).contiguous()
-        ct = C.detach().to(wd).transpose(2, 3).contiguous()
-        a = A.detach().to(wd).contiguous()
-        self.ins = (self.u.numpy(), self.dt.numpy(), a.numpy(), bt.numpy(), ct.numpy())
+        batch, dim, _ = u.shape
 
+        def arr(t):
+            return t.detach().to(wd).contiguous().numpy()
 
-def _opt(layout: ScanLayout) -> tuple:
-    """The kernels' runtime options: (flip_h, flip_v, transpose, H, W)."""
-    return (bool(layout.flip_h), bool(layout.flip_v), bool(layout.transpose), int(layout.height),
-            int(layout.width))
+        self.has_z = z is not None
+        self.ins = (arr(u), arr(delta), arr(z) if z is not None else np.zeros((1, 1, 1), dtype=arr(A).dtype),
+                    arr(A), arr(B.transpose(2, 3)), arr(C.transpose(2, 3)),
+                    arr(D) if D is not None else np.zeros(dim, dtype=arr(A).dtype),
+                    arr(delta_bias) if delta_bias is not None else np.zeros(dim, dtype=arr(A).dtype))
+
+    def opt(self, softplus: bool, layout: ScanLayout) -> tuple:
+        """The kernels' runtime options: (has_z, softplus, flip_h, flip_v, transpose, H, W)."""
+        return (self.has_z, bool(softplus), bool(layout.flip_h), bool(layout.flip_v), bool(layout.transpose),
+                int(layout.height), int(layout.width))
 
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout):
-        x = _Inputs(u, delta, A, B, C, delta_bias, delta_softplus)
-        y = _alloc(tuple(u.shape), x.wd)
-        run_items(_scan_fwd, u.shape[0] * u.shape[1], x.ins, _opt(layout), y.numpy())
-        if D is not None:
-            y = y.addcmul_(D.detach().to(x.wd)[None, :, None], x.u)
-        out = y.mul_(F.silu(z.detach().to(x.wd))) if z is not None else y
+        x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
+        out = _alloc(tuple(u.shape), x.wd)
+        run_items(_scan_fwd, u.shape[0] * u.shape[1], x.ins, x.opt(delta_softplus, layout), out.numpy())
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.layout = layout
@@ -405,47 +541,27 @@ class _ScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        x = _Inputs(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
+        x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
         wd = x.wd
         batch, dim, length = u.shape
         groups, dstate = B.shape[1], B.shape[2]
         K = channel_chunks(batch * groups, dim // groups, max(1, torch.get_num_threads()))
-        dout = dout.detach().to(wd)
-        if z is not None:
-            zf = z.detach().to(wd)
-            sig = torch.sigmoid(zf)
-            dy = (dout * zf * sig).contiguous()
-        else:
-            dy = dout.contiguous()
         chan, parts = (batch, dim, length), (batch, groups, K, length, dstate)
-        grads = (_alloc(chan, wd), _alloc(chan, wd), _alloc(chan, wd), _alloc((batch, dim, dstate), wd),
+        grads = (_alloc(chan, wd), _alloc(chan, wd), _alloc(chan if z is not None else (1, 1, 1), wd),
+                 _alloc((batch, dim, dstate), wd), _alloc((batch, dim), wd), _alloc((batch, dim), wd),
                  _alloc(parts, wd), _alloc(parts, wd))
-        run_items(_scan_bwd, batch * groups * K, x.ins, dy.numpy(), _opt(ctx.layout), K,
-                  tuple(t.numpy() for t in grads))
-        y, du, ddt, dA_p, dBp, dCp = grads
-        need = ctx.needs_input_grad
-        dz = dD = None
-        if D is not None:
-            Dw = D.detach().to(wd)[None, :, None]
-            du.addcmul_(Dw, dy)
-            if need[5]:
-                dD = (dy * x.u).sum(dim=(0, 2))
-        if z is not None and need[6]:
-            if D is not None:
-                y.addcmul_(Dw, x.u)
-            dz = dout * y * sig * (1 + zf * (1 - sig))
-        if ctx.delta_softplus:
-            ddt.mul_(torch.sigmoid(x.dt_raw))  # softplus' = sigmoid
-        dbias = ddt.sum(dim=(0, 2)) if delta_bias is not None and need[7] else None
-        dB = (dBp[:, :, 0] if K == 1 else dBp.sum(dim=2)).transpose(2, 3)
-        dC = (dCp[:, :, 0] if K == 1 else dCp.sum(dim=2)).transpose(2, 3)
+        run_items(_scan_bwd, batch * groups * K, x.ins, dout.detach().to(wd).contiguous().numpy(),
+                  x.opt(ctx.delta_softplus, ctx.layout), K, tuple(t.numpy() for t in grads))
+        du, ddelta, dz, dA_p, dD_p, dbias_p, dBp, dCp = grads
 
         def cast(grad, like, needed):
-            return grad.to(like.dtype).contiguous() if needed and grad is not None else None
+            return grad.to(like.dtype).contiguous() if needed and like is not None else None
 
-        return (cast(du, u, need[0]), cast(ddt, delta, need[1]), cast(dA_p.sum(dim=0), A, need[2]),
-                cast(dB, B, need[3]), cast(dC, C, need[4]), cast(dD, D, need[5]), cast(dz, z, need[6]),
-                cast(dbias, delta_bias, need[7]), None, None)
+        need = ctx.needs_input_grad
+        return (cast(du, u, need[0]), cast(ddelta, delta, need[1]), cast(dA_p.sum(dim=0), A, need[2]),
+                cast(_sum_chunks(dBp).transpose(2, 3), B, need[3]),
+                cast(_sum_chunks(dCp).transpose(2, 3), C, need[4]), cast(dD_p.sum(dim=0), D, need[5]),
+                cast(dz, z, need[6]), cast(dbias_p.sum(dim=0), delta_bias, need[7]), None, None)
 
 
 def selective_scan_2d_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout: ScanLayout):
