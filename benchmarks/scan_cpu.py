@@ -139,6 +139,18 @@ def _child(args: list[str], env: dict | None = None) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with "+dirty" when files differ from it), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -163,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-reps", type=int, default=3)
     ap.add_argument("--min-seconds", type=float, default=2.0)
     ap.add_argument("--no-jit", action="store_true", help="skip the JIT compile-time measurement")
+    ap.add_argument("--note", default="", help="free text for the JSON (e.g. that the machine was shared)")
     ap.add_argument("--out", default=str(_ROOT / "benchmarks" / "results" / "scan_cpu_v2.json"))
     ap.add_argument("--one", nargs=2, metavar=("IMPL", "SIDE"), help=argparse.SUPPRESS)
     ap.add_argument("--jit-child", action="store_true", help=argparse.SUPPRESS)
@@ -205,6 +218,8 @@ def main(argv=None) -> int:
         dtype=a.dtype,
         shapes=dict(batch=a.batch, dim=a.dim, dstate=a.dstate, sides=[int(s) for s in a.sides.split(",")]),
         software=dict(torch=torch.__version__, numba=numba.__version__, python=platform.python_version()),
+        commit=_commit(),
+        note=a.note,
         timing="median over repeated calls after one warm-up; *_cpu_ns_per_cell is process CPU time (all "
                "threads) per state-cell, state-cell = batch*dim*dstate*H*W",
         load=dict(before=load_before, after=os.getloadavg()),

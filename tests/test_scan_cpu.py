@@ -200,3 +200,30 @@ def test_no_writable_cache_falls_back(monkeypatch):
         return 2 * x
 
     assert scan_cpu._jit()(twice)(21) == 42
+
+
+def test_float32_elementary_functions():
+    # exp, softplus and sigmoid as the kernels compile them (their fastmath flags), against float64.
+    import numba
+    import numpy as np
+
+    @numba.njit(fastmath=scan_cpu._FASTMATH)
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[0, i] = scan_cpu._exp(x[i])
+            out[1, i] = scan_cpu._softplus(x[i])
+            out[2, i] = scan_cpu._sigmoid(x[i])
+
+    rng = np.random.default_rng(3380)
+    x = np.concatenate([np.linspace(-87, 88, 20001), rng.normal(0, 4, 20000)]).astype(np.float32)
+    out = np.empty((3, x.size), dtype=np.float32)
+    apply(x, out)
+    xd = x.astype(np.float64)
+    for name, got, want in (("exp", out[0], np.exp(xd)), ("softplus", out[1], np.logaddexp(0, xd)),
+                            ("sigmoid", out[2], 1 / (1 + np.exp(-xd)))):
+        normal = want > 1.2e-38  # float32 normals; the kernels' exp stops at the smallest one
+        rel = np.abs(got - want) / np.where(normal, want, 1)
+        # A few float32 ulps (6e-8 each); a little more where exp's argument reduction has |k| near 126.
+        for where, bound in ((normal, 5e-7), (normal & (np.abs(xd) <= 20), 3e-7)):
+            worst = rel[where].max()
+            assert worst < bound, f"{name}: relative error {worst:.2e} at x = {x[where][rel[where].argmax()]}"
