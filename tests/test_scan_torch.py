@@ -67,9 +67,15 @@ def test_output_dtype(dtype):
     assert out.shape == t["u"].shape
 
 
-def test_auto_is_torch_on_cpu():
+def test_auto_is_torch_on_cpu_without_numba(monkeypatch):
+    # With numba, "auto" picks the "cpu" backend on CPU tensors (tests/test_scan_cpu.py).
+    from mamba2d.ops import api, scan_torch
+
+    monkeypatch.setattr(api, "_numba_import_error", lambda: "numba does not import (test)")
     t = sc.make_inputs(1, 2, 3, 4, 5, dtype=torch.float64, seed=1301)
     w = sc.make_weight(t, 1301)
+    out = sc.forward("auto", t, True, 4, 5, (False, False, False), None)
+    assert out.grad_fn._forward_cls is scan_torch._ScanFn
     got = sc.run("auto", t, True, 4, 5, w)
     sc.check(got, sc.reference(t, True, 4, 5, w), sc.BOUND_F64, "auto")
 

@@ -42,6 +42,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
     import torch
 
     from mamba2d import selective_scan_2d
+    from mamba2d.ops.api import cpu_available
 
     batch, dim, dstate, height, width = 2, 8, 4, 12, 16
     length = height * width
@@ -70,7 +71,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
         out.backward(grad_out.to(dev, dtype))
         return [out.detach()] + [leaves[k].grad for k in inputs]
 
-    used = "triton" if device.type == "cuda" else "torch"
+    used = "triton" if device.type == "cuda" else "cpu" if cpu_available(torch.empty(0))[0] else "torch"
     print(f"mamba2d {__version__} selfcheck: batch={batch} dim={dim} dstate={dstate} grid={height}x{width}")
     print(f"device: {device}, backend='auto' resolves to '{used}'")
     got = run(torch.float32, device, "auto")

@@ -3,18 +3,21 @@
 Backends:
 - ``"reference"``: the definition in float64 loops (tests only; slow).
 - ``"torch"``: vectorised PyTorch with a hand-written backward; any device.
+- ``"cpu"``: numba-compiled kernels, forward and backward; CPU tensors (needs numba).
 - ``"triton"``: fused Triton kernels, forward and backward; CUDA tensors.
-- ``"auto"``: Triton for CUDA tensors, PyTorch elsewhere. A grid of one row or one column on
-  CUDA runs the chunked 1D kernel (``mamba2d.ops.scan1d_triton``).
+- ``"auto"``: Triton for CUDA tensors, ``"cpu"`` for CPU tensors when numba imports, else PyTorch.
+  A grid of one row or one column on CUDA runs the chunked 1D kernel (``mamba2d.ops.scan1d_triton``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from mamba2d.ops.layout import ScanLayout
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "cpu", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -29,6 +32,23 @@ def _check_tensor(name: str, t: object, ndims: tuple[int, ...], device: torch.de
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but u is on {device}")
     return t
+
+
+@functools.cache
+def _numba_import_error() -> str:
+    try:
+        import numba  # noqa: F401
+    except ImportError as e:
+        return f"numba does not import ({e}); pip install numba"
+    return ""
+
+
+def cpu_available(u: torch.Tensor) -> tuple[bool, str]:
+    """Whether the numba CPU kernels can run on ``u``, and why not."""
+    if u.device.type != "cpu":
+        return False, f"tensors are on {u.device}; the numba kernels need CPU tensors"
+    why = _numba_import_error()
+    return not why, why
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], meaning: str) -> None:
@@ -147,7 +167,7 @@ def selective_scan_2d(
     1D selective scan.
 
     Returns (batch, dim, L) in ``u``'s dtype. State and accumulation are float32 (float64 for
-    float64 inputs on the torch and reference backends).
+    float64 inputs on the torch, cpu and reference backends).
     """
     u, delta, A, B, C, D, z, delta_bias = check_scan_args(u, delta, A, B, C, D, z, delta_bias, backend)
     length = u.shape[2]
@@ -165,7 +185,7 @@ def selective_scan_2d(
 
         return selective_scan_1d_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     if backend == "auto":
-        backend = "triton" if u.is_cuda else "torch"
+        backend = "triton" if u.is_cuda else "cpu" if cpu_available(u)[0] else "torch"
     if backend == "reference":
         from mamba2d.ops.reference import selective_scan_2d_reference
 
@@ -174,6 +194,13 @@ def selective_scan_2d(
         from mamba2d.ops.scan_torch import selective_scan_2d_torch
 
         return selective_scan_2d_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout)
+    if backend == "cpu":
+        ok, why = cpu_available(u)
+        if not ok:
+            raise ValueError(f"backend='cpu' cannot run here: {why}")
+        from mamba2d.ops.scan_cpu import selective_scan_2d_cpu
+
+        return selective_scan_2d_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, layout)
     from mamba2d.ops.scan_triton import selective_scan_2d_triton, triton_available
 
     ok, why = triton_available(u)
