@@ -57,7 +57,7 @@ def test_paths_numbers_and_nulls(tmp_path):
     ("model_args: [1, 2]", "c.yaml: model_args: expected a mapping"),
     ("seeds: [0, x]", "c.yaml: seeds[1]: expected an integer"),
     ("epochs: true", "c.yaml: epochs: expected an integer, got True"),
-    ("lr: null", "c.yaml: lr: a value is required"),
+    ("optimizer: null", "c.yaml: optimizer: a value is required"),
 ])
 def test_bad_values_name_the_file_and_field(tmp_path, text, named):
     (tmp_path / "c.yaml").write_text(text)

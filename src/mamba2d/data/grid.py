@@ -159,22 +159,28 @@ def _check_extent(xy: np.ndarray, step: float, name: str, max_cells: int | None)
         f"patch size?); raise the limit with --max-grid-cells if the slide is really this sparse")
 
 
+def _flat_key(cells: np.ndarray) -> np.ndarray:
+    """(N, 2) integer cells to one int64 per cell, equal exactly when the cells are (1D sorts are
+    much faster than ``np.unique(axis=0)``)."""
+    lo = cells.min(axis=0)
+    span = cells[:, 1].max() - lo[1] + 1
+    return (cells[:, 0] - lo[0]) * span + (cells[:, 1] - lo[1])
+
+
 def _snap_tilings(xy: np.ndarray, step: float, name: str) -> tuple[np.ndarray, int]:
     """Integer cells of every patch, each phase group shifted as a whole onto the global lattice."""
-    phase = np.mod(xy, step)
-    # Phases within a millionth of a pixel are one tiling (float coordinates, or phase ~ step).
-    key = np.round(phase * 1e6).astype(np.int64) % int(round(step * 1e6))
-    groups, inverse = np.unique(key, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    # Phases to a thousandth of a pixel (float coordinates, or a phase a hair under the step).
+    resolution = int(round(step * 1000))
+    phase = np.round(np.mod(xy, step) * 1000).astype(np.int64) % resolution
+    groups, first, inverse = np.unique(phase[:, 0] * resolution + phase[:, 1], return_index=True,
+                                       return_inverse=True)
     n_groups = len(groups)
     if n_groups > max(4, _MAX_GROUP_FRACTION * len(xy)):
         raise GridError(f"{name}: coords: {n_groups} of {len(xy)} patches sit on lattices of different "
                         f"offsets, so they are not tilings of {step:g}-pixel patches; check the patch size")
-    base = np.floor(xy / step)
     # One shift per group (not per patch), so a phase of exactly half a step moves a tiling whole.
-    shift = (groups / 1e6 >= step / 2).astype(np.int64)
-    cells = base.astype(np.int64) + shift[inverse]
-    return cells, n_groups
+    shift = (phase[first] >= resolution / 2).astype(np.int64)
+    return np.floor(xy / step).astype(np.int64) + shift[inverse.reshape(-1)], n_groups
 
 
 def _resolve_collisions(cells: np.ndarray, exact: np.ndarray, name: str) -> tuple[np.ndarray, int]:
@@ -183,8 +189,8 @@ def _resolve_collisions(cells: np.ndarray, exact: np.ndarray, name: str) -> tupl
     ``cells``: (N, 2) snapped integer (x, y) cells; ``exact``: (N, 2) the true positions in cells.
     Of the patches claiming one cell, the one nearest the cell's centre keeps it.
     """
-    _, counts = np.unique(cells, axis=0, return_counts=True)
-    if (counts == 1).all():
+    key = _flat_key(cells)
+    if len(np.unique(key)) == len(key):
         return cells, 0
     centre_dist = np.abs(exact - cells).sum(axis=1)
     taken: set[tuple[int, int]] = set()
@@ -220,9 +226,11 @@ def _nearest_free(target: np.ndarray, taken: set[tuple[int, int]]) -> tuple[int,
 
 def _refuse_repeats(xy: np.ndarray, name: str) -> None:
     """Two patches at one (x, y) mean a broken extraction, not overlapping tilings."""
-    _, first, inverse = np.unique(xy, axis=0, return_index=True, return_inverse=True)
-    repeats = np.flatnonzero(first[inverse.reshape(-1)] != np.arange(len(xy)))
-    if repeats.size:
+    order = np.lexsort((xy[:, 1], xy[:, 0]))
+    ordered = xy[order]
+    same = (ordered[1:] == ordered[:-1]).all(axis=1)
+    if same.any():
+        repeats = np.sort(order[1:][same])
         i = int(repeats[0])
         raise GridError(f"{name}: coords: {repeats.size} patch(es) repeat the coordinate of another; first: "
                         f"patch {i} at {xy[i].tolist()}")
@@ -231,7 +239,7 @@ def _refuse_repeats(xy: np.ndarray, name: str) -> None:
 def _refuse_collisions(cells: np.ndarray, name: str) -> None:
     width = int(cells[:, 0].max()) + 1
     flat = cells[:, 1] * width + cells[:, 0]
-    uniq, counts = np.unique(flat, return_counts=True)
+    uniq, counts = np.unique(flat, return_counts=True)  # cells here are already >= 0
     if (counts > 1).any():
         cell = int(uniq[counts > 1][0])
         first = np.flatnonzero(flat == cell)[:2].tolist()
