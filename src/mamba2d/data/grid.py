@@ -112,7 +112,6 @@ def patch_grid(coords: torch.Tensor | np.ndarray, step: float, snap: Snap = "aut
     if not np.isfinite(xy).all():
         bad = int(np.flatnonzero(~np.isfinite(xy).all(axis=1))[0])
         raise GridError(f"{name}: coords has a non-finite coordinate at patch {bad}: {xy[bad].tolist()}")
-    _refuse_repeats(xy, name)
     step = float(step)
     if overlap:
         xy = np.where(xy == 0, float(overlap), xy)
@@ -132,7 +131,7 @@ def patch_grid(coords: torch.Tensor | np.ndarray, step: float, snap: Snap = "aut
             raise GridError(f"{name}: coords: patch {bad} at {coords[bad].tolist()} is not on the "
                             f"{step:g}-pixel lattice of the other patches; check the patch size")
         cells, tilings = cells.astype(np.int64), 1
-        _refuse_collisions(cells - cells.min(axis=0), name)
+        _refuse_collisions(cells - cells.min(axis=0), name, xy)
     cells = cells - cells.min(axis=0)
     cols, rows = cells[:, 0], cells[:, 1]
     height, width = int(rows.max()) + 1, int(cols.max()) + 1
@@ -192,6 +191,7 @@ def _resolve_collisions(cells: np.ndarray, exact: np.ndarray, name: str) -> tupl
     key = _flat_key(cells)
     if len(np.unique(key)) == len(key):
         return cells, 0
+    _refuse_repeats(exact, name)  # two patches at one (x, y) are an error, not overlapping tilings
     centre_dist = np.abs(exact - cells).sum(axis=1)
     taken: set[tuple[int, int]] = set()
     losers = []
@@ -236,11 +236,12 @@ def _refuse_repeats(xy: np.ndarray, name: str) -> None:
                         f"patch {i} at {xy[i].tolist()}")
 
 
-def _refuse_collisions(cells: np.ndarray, name: str) -> None:
+def _refuse_collisions(cells: np.ndarray, name: str, xy: np.ndarray) -> None:
     width = int(cells[:, 0].max()) + 1
     flat = cells[:, 1] * width + cells[:, 0]
     uniq, counts = np.unique(flat, return_counts=True)  # cells here are already >= 0
     if (counts > 1).any():
+        _refuse_repeats(xy, name)
         cell = int(uniq[counts > 1][0])
         first = np.flatnonzero(flat == cell)[:2].tolist()
         raise GridError(f"{name}: coords: {int((counts > 1).sum())} grid cell(s) hold more than one patch; "

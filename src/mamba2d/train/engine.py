@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba2d.data.bags import FeatureBagSet, GridCheck
+from mamba2d.data.grid import PatchGrid
 from mamba2d.data.labels import LabelTable, read_labels
 from mamba2d.data.splits import (
     Split,
@@ -74,6 +75,18 @@ class RunData:
 
     def bag(self, row: int):
         return self.bags[self.bags.index_of(self.table.frame["slide_id"].iat[row])]
+
+    def placed(self, bag) -> PatchGrid | None:
+        """The bag's grid for models that scan one (None otherwise), kept with the bag when bags are
+        cached in memory (placing 100k patches costs tens of ms, every step)."""
+        if self.grid is None:
+            return None
+        if not self.bags.cache:
+            return bag.grid(self.grid.snap, self.grid.max_cells)
+        cache = self.__dict__.setdefault("_grids", {})
+        if bag.slide_id not in cache:
+            cache[bag.slide_id] = bag.grid(self.grid.snap, self.grid.max_cells)
+        return cache[bag.slide_id]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,13 +177,15 @@ def _slide_loss(cfg: TrainConfig, model: nn.Module, out, frame: pd.DataFrame, ro
 
 
 def forward_bag(model: nn.Module, bag, device: torch.device, label: int | None = None,
-                grid: GridCheck | None = None):
-    """Run ``model`` on one :class:`~mamba2d.data.bags.Bag`; ``grid``: how the pipeline places bags on
-    grids, for models that scan them (``None`` for the others). ``label``: for models with an
-    auxiliary loss that needs it."""
+                grid: GridCheck | PatchGrid | None = None):
+    """Run ``model`` on one :class:`~mamba2d.data.bags.Bag`. ``grid``: the bag's placed grid, or how
+    the pipeline places bags on grids, for models that scan them (``None`` for the others).
+    ``label``: for models with an auxiliary loss that needs it."""
     kwargs: dict[str, Any] = {} if label is None else {"label": torch.tensor(label, device=device)}
-    if grid is not None:  # placed as at load time, where its problems were already reported
-        kwargs["grid"] = bag.grid(grid.snap, grid.max_cells)
+    if isinstance(grid, GridCheck):  # placed as at load time, where its problems were reported
+        grid = bag.grid(grid.snap, grid.max_cells)
+    if grid is not None:
+        kwargs["grid"] = grid
     return model(bag.features.to(device), bag.coords.to(device).float(), bag.patch_size_level0, **kwargs)
 
 
@@ -194,7 +209,7 @@ def predict(model: nn.Module, data: RunData, table: LabelTable, rows: list[int],
     for row in shard(rows, info):
         bag = data.bag(row)
         with _autocast(cfg, info.device):
-            out = forward_bag(model, bag, info.device, grid=data.grid)
+            out = forward_bag(model, bag, info.device, grid=data.placed(bag))
         if not torch.isfinite(out.logits).all():
             raise ValueError(f"{bag.path}: the model's output for slide {frame['slide_id'].iat[row]} is not "
                              f"finite; training diverged (try a lower --lr)")
@@ -330,7 +345,7 @@ def train_one(cfg: TrainConfig, data: RunData, split: Split, fold: int, seed: in
             label = int(frame["label"].iat[row]) if wants_label else None
             bag = data.bag(row)
             with _autocast(cfg, info.device):
-                out = forward_bag(net, bag, info.device, label, data.grid)
+                out = forward_bag(net, bag, info.device, label, data.placed(bag))
             loss = _slide_loss(cfg, model, out, frame, row)
             if not torch.isfinite(loss):
                 raise ValueError(f"{bag.path}: the loss on slide {frame['slide_id'].iat[row]} is not finite "
