@@ -200,7 +200,7 @@ def _compare(args: argparse.Namespace) -> int:
     text = format_table(table)
     print(text)
     if args.out:
-        from mamba2d.train.checkpoint import write_text
+        from mamba2d.io import write_text
         from mamba2d.train.rundir import refuse_existing_file
 
         out = Path(args.out)

@@ -33,8 +33,8 @@ from mamba2d.data.benchmarks import (
     lesion_cells,
     render_mosaic,
 )
+from mamba2d.io import load_checkpoint, write_json, write_text
 from mamba2d.train import plots
-from mamba2d.train.checkpoint import load_checkpoint, write_json, write_text
 from mamba2d.train.config import TrainConfig
 from mamba2d.train.distributed import pick_device
 from mamba2d.train.engine import rebuild_model, run_training

@@ -243,11 +243,11 @@ def _read_pt(path: Path) -> np.ndarray:
     if not path.is_file():
         raise BagError(f"{path}: no such file")
     try:
-        from mamba2d.train.checkpoint import safe_torch_load
+        from mamba2d.io import safe_torch_load
 
         obj = safe_torch_load(path)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for corrupt files alike
-        from mamba2d.train.checkpoint import describe_load_error
+        from mamba2d.io import describe_load_error
 
         raise BagError(f"{path}: {describe_load_error(exc)}") from exc
     if not isinstance(obj, torch.Tensor):

@@ -55,7 +55,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from mamba2d.data.images import FMNIST_CLASSES, find_fashion_mnist, load_digits_images, load_fashion_mnist
-from mamba2d.train.checkpoint import atomic_write, write_json, write_text
+from mamba2d.io import atomic_write, write_json, write_text
 from mamba2d.wsi.encoders import EfficientNetLite0Encoder
 
 __all__ = [

@@ -108,7 +108,7 @@ def write_features_h5(path: Path, features: np.ndarray, plan: TilePlan, slide: S
     the attributes ``patch_size`` (at the target magnification), ``patch_size_level0``,
     ``level0_magnification``, ``target_magnification``, ``level0_width``, ``level0_height``; the file
     attribute ``extract_settings`` records what a resumed run must match."""
-    from mamba2d.train.checkpoint import atomic_write
+    from mamba2d.io import atomic_write
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
@@ -161,7 +161,7 @@ def extract_slides(slides: str | Path, out: str | Path, cfg: ExtractConfig | Non
     """
     from tqdm.auto import tqdm
 
-    from mamba2d.train.checkpoint import write_json, write_text
+    from mamba2d.io import write_json, write_text
     from mamba2d.train.distributed import pick_device
     from mamba2d.wsi.encoders import build_encoder
 

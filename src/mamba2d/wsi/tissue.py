@@ -96,7 +96,7 @@ def save_mask_png(path: str | Path, rgb: np.ndarray, mask: np.ndarray, title: st
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from mamba2d.train.checkpoint import atomic_write
+    from mamba2d.io import atomic_write
 
     h, w = mask.shape
     fig = Figure(figsize=(6.0, 6.0 * h / max(w, 1) + 0.4), dpi=120)
