@@ -5,8 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from mamba2d.data import PatchGrid, patch_grid
-from mamba2d.mil import MILOutput, TwoDMambaMIL, build_model
+from mamba2d.mil import MILOutput, PatchGrid, TwoDMambaMIL, build_model, patch_grid
 from mamba2d.nn import Mamba2D, Mamba2DBlock, SRMamba
 from mamba2d.ops import ScanLayout, selective_scan_1d, selective_scan_2d
 from mamba2d.train import nll_survival_loss

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mamba2d.data.grid import patch_grid
+from mamba2d.mil.grid import patch_grid
 
 
 def score_grid(scores: np.ndarray | torch.Tensor, coords: np.ndarray | torch.Tensor, patch_size: float,
