@@ -102,7 +102,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mamba2d.demo import DemoSettings, run_demo
+    from mamba2d.bench.demo import DemoSettings, run_demo
 
     settings = DemoSettings.full() if args.full else DemoSettings()
     if args.epochs is not None:

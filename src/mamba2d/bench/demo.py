@@ -24,15 +24,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mamba2d.bench.config import BenchmarkConfig, default_benchmark_dir
+from mamba2d.bench.dataset import build_benchmark
+from mamba2d.bench.features import TileEncoder
+from mamba2d.bench.render import lesion_cells, render_mosaic
 from mamba2d.data.bags import read_bag
-from mamba2d.data.benchmarks import (
-    BenchmarkConfig,
-    TileEncoder,
-    build_benchmark,
-    default_benchmark_dir,
-    lesion_cells,
-    render_mosaic,
-)
 from mamba2d.io import load_checkpoint, write_json, write_text
 from mamba2d.train import plots
 from mamba2d.train.config import TrainConfig
