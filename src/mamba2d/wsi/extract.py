@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mamba2d.extras import require
 from mamba2d.wsi.slides import Slide, SlideError, open_slide
 from mamba2d.wsi.tiling import TilePlan, plan_tiles
 from mamba2d.wsi.tissue import TissueParams, save_mask_png, tissue_mask
@@ -89,7 +90,7 @@ class _PatchDataset(torch.utils.data.Dataset):
         return len(self.plan.coords)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
+        Image = require("PIL.Image", "wsi")
 
         if self._slide is None:
             self._slide = open_slide(self.path, mpp=self.mpp)

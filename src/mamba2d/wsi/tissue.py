@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mamba2d.extras import require
+
 __all__ = ["TissueParams", "save_mask_png", "tissue_mask"]
 
 
@@ -41,8 +43,8 @@ def tissue_mask(rgb: np.ndarray, um_per_px: float | None = None,
     settings as pixel counts at 1 µm/px (about 10× magnification).
     """
     from scipy import ndimage
-    from skimage.color import rgb2hsv
-    from skimage.filters import threshold_otsu
+    rgb2hsv = require("skimage.color", "wsi").rgb2hsv
+    threshold_otsu = require("skimage.filters", "wsi").threshold_otsu
 
     params = params or TissueParams()
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
