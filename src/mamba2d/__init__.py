@@ -7,16 +7,17 @@ else (the training pipeline, slides, the benchmark) loads on first use of its na
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+# First, so that any module may read it (`from mamba2d import __version__`) while the package loads.
+__version__ = "0.1.0"
+
+import importlib  # noqa: E402
+from typing import Any  # noqa: E402
 
 from mamba2d.mil import MILOutput, PatchGrid, TwoDMambaMIL, build_model, patch_grid
 from mamba2d.nn import Mamba2D, Mamba2DBlock, SRMamba
 from mamba2d.ops import ScanLayout, selective_scan_1d, selective_scan_2d
 from mamba2d.train import nll_survival_loss
 from mamba2d.vision import BUILDERS
-
-__version__ = "0.1.0"
 
 # Every vision builder under its own name (mamba2d.vmamba2d_base, ...), from the one table.
 globals().update(BUILDERS)
