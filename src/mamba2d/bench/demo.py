@@ -144,7 +144,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, fmnist_di
                 model_args=dict(model_args))
             log(f"training {name} ({task}, {settings.epochs} epochs, seeds {list(settings.seeds)})")
             t0 = time.perf_counter()
-            run_training(train_cfg)  # resumes a run directory left by an interrupted demo
+            # Reuses a finished run directory and resumes one left by an interrupted demo.
+            run_training(train_cfg, reuse_finished=True)
             timings[f"train_{task}_{variant_slug(name)}_s"] = round(time.perf_counter() - t0, 1)
             runs[task].append((name, run_dir))
 
