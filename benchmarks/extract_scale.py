@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 import torch
 
-from mamba2d.train.checkpoint import write_json
+from mamba2d.io import write_json
 from mamba2d.train.distributed import pick_device
 from mamba2d.wsi.encoders import build_encoder
 from mamba2d.wsi.extract import ExtractConfig, _auto_workers, extract_slides

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan_vs_official import DTYPES, check, fwd_bwd, input_sets, make_inputs, measure, ours  # noqa: E402
 
+from mamba2d.io import write_json  # noqa: E402
 from mamba2d.ops import scan_triton  # noqa: E402
-from mamba2d.train.checkpoint import write_json  # noqa: E402
 
 
 def apply_variant(shape, spec: str) -> dict:

@@ -34,9 +34,9 @@ import torch
 from scan import GPU_SHAPES, _version
 
 from mamba2d import ScanLayout
+from mamba2d.io import write_json
 from mamba2d.ops import scan_triton
 from mamba2d.ops.scan_torch import selective_scan_2d_torch
-from mamba2d.train.checkpoint import write_json
 
 # (batch, dim, dstate, H, W): the WSI grids of benchmarks/scan.py and a 378 x 378 slide, then the
 # vision-backbone stages.

@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from mamba2d.demo import STUDY_SURVIVAL_VARIANTS, STUDY_VARIANTS, variant_slug
+from mamba2d.bench.demo import STUDY_SURVIVAL_VARIANTS, STUDY_VARIANTS, variant_slug
 
 
 def build(root: Path, task: str, preset: str) -> Path:
-    from mamba2d.data.benchmarks import BenchmarkConfig, build_benchmark
+    from mamba2d.bench import BenchmarkConfig, build_benchmark
 
     out = root / f"bench-{preset}-{task}"
     build_benchmark(out, BenchmarkConfig.preset(preset, task=task), progress=False)

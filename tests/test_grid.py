@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mamba2d.data.grid import CELLS_PER_PATCH, MIN_CELL_ALLOWANCE, GridError, patch_grid
+from mamba2d.mil.grid import CELLS_PER_PATCH, MIN_CELL_ALLOWANCE, GridError, patch_grid
 
 PS = 256
 

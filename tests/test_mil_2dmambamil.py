@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mamba2d.data import patch_grid
-from mamba2d.mil import TwoDMambaMIL
+from mamba2d.mil import TwoDMambaMIL, patch_grid
 
 PS = 256  # level-0 patch size of the synthetic coordinates
 

@@ -1,16 +1,23 @@
 """2DVMamba and its 1D cross-scan twin: shapes, strides, the twins' equal parameters, the SS2D scans
 against the float64 reference backend, gradient flow, one optimiser step, timm registration,
-features_only and checkpoint loading through timm."""
+features_only and checkpoint loading through timm, registration on a plain `import mamba2d`, and
+gradient checkpointing."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import mamba2d
+import mamba2d.vision
 from mamba2d.vision import (
     BUILDERS,
     SS2D,
-    TIMM_REGISTERED,
     VMamba2D,
     vmamba1d_tiny,
     vmamba2d_small,
@@ -152,7 +159,6 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_timm_registers_every_builder_with_metadata():
     timm = pytest.importorskip("timm")
-    assert TIMM_REGISTERED
     assert set(timm.list_models("vmamba*")) >= set(BUILDERS)
     model = timm.create_model("vmamba2d_tiny", num_classes=3, drop_path_rate=0.05, backend="torch")
     assert isinstance(model, VMamba2D) and model.num_classes == 3
@@ -238,3 +244,65 @@ def test_ss2d_triton_path_matches_the_float64_reference(scan, monkeypatch):
     for (name, p), q in zip(layer.named_parameters(), ref.parameters(), strict=True):
         err = (p.grad.double() - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30)
         assert err < 1e-3, name
+
+
+def test_a_plain_import_registers_with_timm_without_importing_it():
+    # A fresh interpreter: `import mamba2d` must not load timm (seconds of start-up), yet timm must
+    # know the models once the user imports it, in either order.
+    pytest.importorskip("timm")
+    src = str(Path(mamba2d.__file__).resolve().parents[1])
+    code = (
+        "import sys, mamba2d\n"
+        "assert 'timm' not in sys.modules, 'import mamba2d imported timm'\n"
+        "import timm\n"
+        "m = timm.create_model('vmamba2d_tiny', dims=8, depths=(1, 1, 1, 1), num_classes=3)\n"
+        "assert type(m).__name__ == 'VMamba2D', type(m)\n"
+        "assert sorted(timm.list_models('vmamba*')) == sorted(mamba2d.BUILDERS_NAMES)\n"
+        "assert timm.__loader__.__class__.__name__ != '_RegisteringLoader'\n"
+    ).replace("mamba2d.BUILDERS_NAMES", repr(sorted(BUILDERS)))
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_every_builder_is_exposed_by_the_package_and_vision():
+    for name, builder in BUILDERS.items():
+        assert getattr(mamba2d, name) is builder and name in mamba2d.__all__
+        assert getattr(mamba2d.vision, name) is builder and name in mamba2d.vision.__all__
+    assert {"vmamba2d_base", "vmamba1d_base"} <= set(BUILDERS)
+
+
+def _saved_numel(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Elements autograd keeps for the backward pass of ``model(x)``, and the output."""
+    count = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        count[0] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return count[0], out
+
+
+def test_grad_checkpointing_keeps_gradients_and_saves_memory():
+    # Train mode with drop path, so the recomputed forward must see the same random numbers.
+    torch.manual_seed(0)
+    model = vmamba2d_tiny(**{**SMALL, "drop_path_rate": 0.3}).train()
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    saved = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        torch.manual_seed(1)
+        n, out = _saved_numel(model, x)
+        out.square().sum().backward()
+        saved.append(n)
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-5, atol=1e-6, msg=name)
+    assert saved[1] < saved[0] / 2  # activations inside the blocks are recomputed, not kept
+    with torch.no_grad():  # inference is untouched
+        model.eval()
+        torch.testing.assert_close(model(x), (model.set_grad_checkpointing(False), model(x))[1])

@@ -110,7 +110,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mamba2d.demo import DemoSettings, run_demo
+    from mamba2d.bench.demo import DemoSettings, run_demo
 
     settings = DemoSettings.full() if args.full else DemoSettings()
     if args.epochs is not None:
@@ -208,7 +208,7 @@ def _compare(args: argparse.Namespace) -> int:
     text = format_table(table)
     print(text)
     if args.out:
-        from mamba2d.train.checkpoint import write_text
+        from mamba2d.io import write_text
         from mamba2d.train.rundir import refuse_existing_file
 
         out = Path(args.out)

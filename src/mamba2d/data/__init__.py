@@ -1,5 +1,2 @@
-"""Feature bags, label and split CSVs, grid building, benchmark datasets."""
-
-from mamba2d.data.grid import PatchGrid, patch_grid
-
-__all__ = ["PatchGrid", "patch_grid"]
+"""Readers and writers of user data: feature bags, label and split files, and the real image
+sources (Fashion-MNIST, its segmentation mosaics) the vision trainer uses."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mamba2d.data.grid import GridError, PatchGrid, Snap, patch_grid
+from mamba2d.mil.grid import GridError, PatchGrid, Snap, patch_grid
 
 __all__ = [
     "Bag", "BagError", "BagSetReport", "FeatureBagSet", "GridCheck", "SLIDE_EXTENSIONS", "discover_slides",
@@ -98,7 +98,7 @@ class Bag:
         return int(self.features.shape[1])
 
     def grid(self, snap: Snap = "auto", max_cells: int | None = None) -> PatchGrid:
-        """The patches' tight grid (see :func:`mamba2d.data.grid.patch_grid`): the lattice step is the
+        """The patches' tight grid (see :func:`mamba2d.mil.grid.patch_grid`): the lattice step is the
         patch size minus the overlap. Errors are :class:`BagError` naming the file."""
         if self.patch_size_level0 is None:
             raise BagError(f"{self.path}: coords: no patch size (no 'patch_size_level0' or CLAM 'patch_size' "
@@ -243,11 +243,11 @@ def _read_pt(path: Path) -> np.ndarray:
     if not path.is_file():
         raise BagError(f"{path}: no such file")
     try:
-        from mamba2d.train.checkpoint import safe_torch_load
+        from mamba2d.io import safe_torch_load
 
         obj = safe_torch_load(path)
     except Exception as exc:  # torch raises pickle, zip and runtime errors for corrupt files alike
-        from mamba2d.train.checkpoint import describe_load_error
+        from mamba2d.io import describe_load_error
 
         raise BagError(f"{path}: {describe_load_error(exc)}") from exc
     if not isinstance(obj, torch.Tensor):

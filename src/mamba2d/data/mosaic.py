@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from mamba2d.data.images import FMNIST_CLASSES, load_fashion_mnist
+from mamba2d.extras import require
 
 __all__ = ["MOSAIC_CLASSES", "FashionMNISTImages", "MosaicSegmentation", "make_mosaics"]
 
@@ -108,7 +109,7 @@ class FashionMNISTImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        Image = require("PIL.Image", "vision")
 
         image = Image.fromarray(self.images[i])  # uint8 (h, w): greyscale "L"
         return (self.transform(image) if self.transform else image), int(self.labels[i])

@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mamba2d.data.grid import PatchGrid, Snap, patch_grid
 from mamba2d.mil.common import MILOutput, check_bag, float32_head, heads_output
+from mamba2d.mil.grid import PatchGrid, Snap, patch_grid
 from mamba2d.nn import Mamba2DBlock
 
 
@@ -20,7 +20,7 @@ class TwoDMambaMIL(nn.Module):
 
     1. Linear(in_dim, d_model) + GELU + Dropout on every patch.
     2. The patches go back onto the slide's tight grid (coords / patch_size, minus the minimum;
-       see :func:`mamba2d.data.grid.patch_grid`, ``snap`` and ``max_grid_cells``), or onto ``grid``
+       see :func:`mamba2d.mil.grid.patch_grid`, ``snap`` and ``max_grid_cells``), or onto ``grid``
        when the caller placed them already (the training pipeline does, at load time).
        Cells without tissue hold a learnable pad token (``pad="learnable"``, initialised uniform in
        [0, 1) as in the paper's code) or zeros (``pad="zeros"``).

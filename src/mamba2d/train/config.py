@@ -108,7 +108,7 @@ class ConfigFile:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        from mamba2d.train.checkpoint import write_text
+        from mamba2d.io import write_text
 
         return write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 

@@ -48,9 +48,9 @@ from mamba2d.data.splits import (
     splits_from_labels,
     write_split_csv,
 )
+from mamba2d.io import load_checkpoint, save_checkpoint, write_json, write_text
 from mamba2d.mil import MODELS, build_model
 from mamba2d.train import plots
-from mamba2d.train.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
 from mamba2d.train.config import TrainConfig
 from mamba2d.train.distributed import DistInfo, barrier, distributed_session, gather, on_main, shard
 from mamba2d.train.epochlog import EpochLog

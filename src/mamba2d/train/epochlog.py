@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from mamba2d.train.checkpoint import write_text
+from mamba2d.io import write_text
 
 # The metrics a log line shows, in this order, when the record has them.
 _SHOWN = ("train_loss", "val_loss", "val_auc", "val_accuracy", "val_c_index", "lr", "train_seconds")

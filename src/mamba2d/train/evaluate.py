@@ -12,7 +12,7 @@ import pandas as pd
 
 from mamba2d.data.labels import LabelTable
 from mamba2d.data.splits import read_split_csv, resolve_split
-from mamba2d.train.checkpoint import load_checkpoint, write_json, write_text
+from mamba2d.io import load_checkpoint, write_json, write_text
 from mamba2d.train.config import TrainConfig
 from mamba2d.train.distributed import DistInfo, pick_device
 from mamba2d.train.engine import RunData, _plots, load_data, predict, rebuild_model, score, summarise_results

@@ -3,14 +3,13 @@
 Figures are drawn on ``matplotlib.figure.Figure`` with an explicit Agg canvas instead of pyplot, so
 importing or calling this module neither selects nor disturbs the user's interactive backend, keeps
 no global figure registry (no leaked figures in long training runs) and works headless.
-Every file is written atomically: rendered to a temporary file in the target directory, then moved
-over the target with ``os.replace``, so a reader never sees a half-written image.
+Every file is written atomically (:func:`mamba2d.io.atomic_write`), so a reader never sees a
+half-written image.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from mamba2d.io import atomic_write
 from mamba2d.train.metrics import _as_real, _check_classification_inputs
 from mamba2d.train.survival_stats import kaplan_meier, logrank_test, number_at_risk
 
@@ -37,23 +37,13 @@ def _new_figure(width_in: float, height_in: float) -> Figure:
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` to ``path`` via a temporary sibling file and ``os.replace``; returns the Path.
+    """Write ``fig`` to ``path`` atomically (:func:`mamba2d.io.atomic_write`); returns the Path.
 
-    The format follows the suffix of ``path`` (PNG when it has none). The temporary name is unique
-    per call, so concurrent writers of one target do not trample each other's partial files.
+    The format follows the suffix of ``path`` (PNG when it has none).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = target.suffix or ".png"
-    fmt = suffix.lstrip(".").lower()
-    tmp = target.with_name(f".{target.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-    try:
-        fig.savefig(tmp, format=fmt, bbox_inches="tight")
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    fmt = (target.suffix or ".png").lstrip(".").lower()
+    return atomic_write(target, lambda tmp: fig.savefig(tmp, format=fmt, bbox_inches="tight"))
 
 
 def save_roc_curves(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | None,

@@ -21,7 +21,7 @@ import torch
 
 from mamba2d.data.bags import FeatureBagSet, discover_slides
 from mamba2d.data.labels import read_table
-from mamba2d.train.checkpoint import load_checkpoint, write_json, write_text
+from mamba2d.io import load_checkpoint, write_json, write_text
 from mamba2d.train.config import TrainConfig
 from mamba2d.train.distributed import pick_device
 from mamba2d.train.engine import forward_bag, grid_check, rebuild_model

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mamba2d.train.checkpoint import write_json
+from mamba2d.io import write_json
 
 MARKER = ".mamba2d-run.json"
 #: Settings that may differ between the calls of one run: where it runs and how it reports.
@@ -133,7 +133,7 @@ def claim_run_folder(out: Path, kind: str, config: dict[str, Any], *, resume: bo
 def _start(out: Path, kind: str, config: dict[str, Any]) -> str:
     import yaml
 
-    from mamba2d.train.checkpoint import write_text
+    from mamba2d.io import write_text
 
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mamba2d.train.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
+from mamba2d.io import load_checkpoint, save_checkpoint, write_json, write_text
 from mamba2d.train.config import VisionTrainConfig
 from mamba2d.train.distributed import DistInfo, distributed_session, on_main
 from mamba2d.train.rundir import absolute_config, claim_run_folder, write_marker

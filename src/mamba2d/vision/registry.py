@@ -1,6 +1,8 @@
 """timm registration of the 2DVMamba builders.
 
-Importing :mod:`mamba2d.vision` calls :func:`register_with_timm`, after which
+``import mamba2d`` (or :mod:`mamba2d.vision`) calls :func:`register_when_timm_is_imported`: the
+builders are registered in timm's registry as soon as timm is imported, before or after mamba2d,
+without importing timm itself (which takes seconds). After that,
 ``timm.create_model("vmamba2d_tiny", num_classes=..., drop_path_rate=..., features_only=True,
 out_indices=(1, 2, 3))`` works like any timm model. No weights are published, so nothing is ever
 downloaded: ``pretrained=True`` needs a local file, given either as
@@ -11,9 +13,18 @@ or ``torch.save(model.state_dict())``, as ``checkpoint_path=path``. Both load wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.abc
+import importlib.machinery
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from types import ModuleType
 
 from mamba2d.vision.vmamba import BUILDERS, VMamba2D
+
+_LOCK = threading.Lock()
+_REGISTERED = False
 
 # Filled by register_with_timm; timm's register_model reads the pretrained configs from the
 # ``default_cfgs`` attribute of the module that defines each entry point.
@@ -55,12 +66,75 @@ def _entry_point(name: str, builder: Callable[..., VMamba2D]) -> Callable[..., V
 
 
 def register_with_timm() -> bool:
-    """Register the builders in timm's registry; False (and nothing done) without timm."""
+    """Register the builders in timm's registry now (importing timm); True when they are there,
+    False (and nothing done) without a usable timm. Registering twice is a no-op."""
+    global _REGISTERED
     try:
-        from timm.models import generate_default_cfgs, register_model
+        from timm.models import generate_default_cfgs, is_model, register_model
     except Exception:  # timm absent, or unusable without a matching torchvision
         return False
-    default_cfgs.update(generate_default_cfgs({name: pretrained_cfg(name) for name in BUILDERS}))
-    for name, builder in BUILDERS.items():
-        register_model(_entry_point(name, builder))
+    with _LOCK:
+        if not _REGISTERED:
+            default_cfgs.update(generate_default_cfgs({name: pretrained_cfg(name) for name in BUILDERS}))
+            for name, builder in BUILDERS.items():
+                if not is_model(name):
+                    register_model(_entry_point(name, builder))
+            _REGISTERED = True
     return True
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """timm's own loader, followed by the registration once timm's package has run."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        # Put timm's loader back first, so that nothing of this hook stays visible on the module.
+        module.__loader__ = self._inner
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._inner
+        self._inner.exec_module(module)
+        try:
+            register_with_timm()
+        except Exception as err:  # never break `import timm`
+            warnings.warn(f"mamba2d: could not register the 2DVMamba models with timm: {err}", stacklevel=2)
+
+    def __getattr__(self, name: str):  # get_resource_reader, is_package, ...
+        return getattr(self._inner, name)
+
+
+class _TimmImportHook(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: on the first ``import timm`` it wraps the loader the other finders
+    give, then removes itself."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "timm":
+            return None
+        _remove_hook()
+        spec = None
+        for finder in list(sys.meta_path):  # the finders after this one, in their order
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+def _remove_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _TimmImportHook)]
+
+
+def register_when_timm_is_imported() -> None:
+    """Register the builders with timm now if timm is loaded, else as soon as it is imported."""
+    if "timm" in sys.modules:
+        register_with_timm()
+    elif not any(isinstance(f, _TimmImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TimmImportHook())

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mamba2d.nn.mamba2d import mamba_dt_bias
 from mamba2d.ops import selective_scan_1d, selective_scan_2d
@@ -173,6 +174,21 @@ class VMamba2D(nn.Module):
                                                       _ChannelsLastNorm(dims[i + 1])))
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each VSS block's activations in the backward pass instead of keeping them
+        (``torch.utils.checkpoint``): less memory for one more forward per block. Gradients are
+        unchanged (dropout and drop path see the same random numbers both times). timm's
+        ``--grad-checkpointing`` calls this."""
+        self.grad_checkpointing = bool(enable)
+
+    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.stages[i](x)
+        for block in self.stages[i]:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
     def _check(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[-1] % 32 or images.shape[-2] % 32:
@@ -222,7 +238,7 @@ class VMamba2D(nn.Module):
         for i in range(last + 1):
             if i > 0:
                 x = self.downsamples[i - 1](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            x = self.stages[i](x)
+            x = self._run_stage(i, x)
             if i in take:
                 out = self.norm(x) if norm and i == len(self.stages) - 1 else x
                 maps.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)

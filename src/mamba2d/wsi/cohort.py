@@ -97,7 +97,7 @@ def record_path(out: str | Path, slide_id: str) -> Path:
 
 def write_record(out: str | Path, record: dict[str, Any]) -> Path:
     """Atomically write one slide's record (``record["slide_id"]`` names it)."""
-    from mamba2d.train.checkpoint import write_json
+    from mamba2d.io import write_json
 
     return write_json(record_path(out, str(record["slide_id"])), record)
 
@@ -125,7 +125,7 @@ def merge_manifest(out: str | Path, slide_ids: Sequence[str]) -> pd.DataFrame:
     """Write ``OUT/manifest.csv`` from the records of ``slide_ids`` (in that order; slides without
     a record are left out) and return it. Records of slides not in the list stay on disk but are
     not listed. Runs under an exclusive lock on ``OUT/manifest/.lock``."""
-    from mamba2d.train.checkpoint import write_text
+    from mamba2d.io import write_text
 
     out = Path(out)
     with _locked(out / "manifest" / ".lock"):

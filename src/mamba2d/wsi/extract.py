@@ -136,7 +136,7 @@ def write_features_h5(path: Path, features: np.ndarray, plan: TilePlan, slide: S
     the attributes ``patch_size`` (at the target magnification), ``patch_size_level0``,
     ``level0_magnification``, ``target_magnification``, ``level0_width``, ``level0_height``; the file
     attribute ``extract_settings`` records what a resumed run must match. Written atomically."""
-    from mamba2d.train.checkpoint import atomic_write
+    from mamba2d.io import atomic_write
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
@@ -267,7 +267,7 @@ def extract_slides(slides: str | Path, out: str | Path, cfg: ExtractConfig | Non
     out = Path(out)
     (out / "features").mkdir(parents=True, exist_ok=True)
     if shard.index == 0:
-        from mamba2d.train.checkpoint import write_json
+        from mamba2d.io import write_json
 
         write_json(out / "extract_config.json", asdict(cfg))
     sizes = [_file_size(path) for _, path, _ in rows]
@@ -344,7 +344,7 @@ def _extract_one(worker: _Worker, slide_id: str, path: Path, mpp: float | None, 
     """One slide, end to end; returns its record."""
     from tqdm.auto import tqdm
 
-    from mamba2d.train.checkpoint import atomic_write
+    from mamba2d.io import atomic_write
 
     cfg, out = worker.cfg, worker.out
     started = time.perf_counter()

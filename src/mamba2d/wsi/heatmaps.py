@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mamba2d.data.grid import patch_grid
+from mamba2d.mil.grid import patch_grid
 
 
 def score_grid(scores: np.ndarray | torch.Tensor, coords: np.ndarray | torch.Tensor, patch_size: float,
@@ -122,7 +122,7 @@ def save_overlay_png(path: str | Path, image: np.ndarray, grid: np.ndarray, titl
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
 
-    from mamba2d.train.checkpoint import atomic_write
+    from mamba2d.io import atomic_write
 
     blended = overlay(image, grid, alpha=alpha, cmap=cmap)
     fig = Figure(figsize=(8, 4.2), dpi=120)
@@ -322,7 +322,7 @@ def save_slide_heatmap_png(path: str | Path, image: np.ndarray, grid: np.ndarray
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
 
-    from mamba2d.train.checkpoint import atomic_write
+    from mamba2d.io import atomic_write
 
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.shape[:2] != np.asarray(grid).shape:
@@ -381,7 +381,7 @@ def export_scores_csv(path: str | Path, coords: np.ndarray | torch.Tensor, patch
 
     Scores are written with full float precision, in the bag's patch order. Returns ``path``.
     """
-    from mamba2d.train.checkpoint import write_text
+    from mamba2d.io import write_text
 
     xy, s, ps = _tiles(coords, patch_size_level0, scores)
     lines = ["x,y,width,height,score"]
@@ -402,7 +402,7 @@ def export_scores_geojson(path: str | Path, coords: np.ndarray | torch.Tensor, p
     import json
     import math
 
-    from mamba2d.train.checkpoint import write_text
+    from mamba2d.io import write_text
 
     xy, s, ps = _tiles(coords, patch_size_level0, scores)
     features = []

@@ -114,7 +114,7 @@ def run_heatmap(run: str | Path, slide: str | Path, features: str | Path, out: s
     """
     from matplotlib import colormaps
 
-    from mamba2d.train.checkpoint import load_checkpoint
+    from mamba2d.io import load_checkpoint
     from mamba2d.train.distributed import pick_device
     from mamba2d.train.engine import forward_bag, grid_check, rebuild_model
     from mamba2d.train.rundir import refuse_existing_file
@@ -223,7 +223,7 @@ def run_heatmaps(run: str | Path, table: str | Path, out: str | Path, **options:
 
     from mamba2d.data.bags import slide_stem
     from mamba2d.data.labels import read_table
-    from mamba2d.train.checkpoint import write_text
+    from mamba2d.io import write_text
     from mamba2d.train.rundir import claim_output_folder, write_marker
 
     table, out = Path(table), Path(out)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from mamba2d.extras import require
+
 __all__ = ["Slide", "SlideError", "open_slide", "slide_backends"]
 
 
@@ -113,7 +115,7 @@ class Slide:
         """The slide at most ``max_side`` pixels on its longer side, read from the closest level
         at or above that resolution and resized. Returns (RGB uint8 image, level-0 pixels per
         thumbnail pixel along x and y, as one float: the aspect ratio is kept)."""
-        from PIL import Image
+        Image = require("PIL.Image", "wsi")
 
         w0, h0 = self.dimensions
         target_ds = max(max(w0, h0) / max_side, 1.0)
@@ -167,8 +169,8 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
         raise SlideError(f"{path}: no such slide file")
     names = slide_backends() if backend == "auto" else [backend]
     if not names:
-        raise SlideError("no slide reader is installed: pip install tiffslide "
-                         "(or openslide-python openslide-bin)")
+        raise SlideError("no slide reader is installed: install mamba2d[wsi] (pip install 'mamba2d[wsi]'), "
+                         "or openslide-python openslide-bin")
     errors = []
     for name in names:
         try:
@@ -191,7 +193,7 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
 
 def _open_with(name: str, path: Path) -> Any:
     if name == "tiffslide":
-        import tiffslide
+        tiffslide = require("tiffslide", "wsi")
 
         return tiffslide.TiffSlide(str(path))
     if name == "openslide":

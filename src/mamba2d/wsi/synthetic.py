@@ -345,7 +345,7 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSlideSpec, source: st
 
     import tifffile
 
-    from mamba2d.train.checkpoint import atomic_write
+    from mamba2d.io import atomic_write
 
     spec = spec.rounded()
     if bank is None:

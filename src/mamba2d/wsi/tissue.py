@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mamba2d.extras import require
+
 __all__ = ["TissueParams", "save_mask_png", "tissue_mask"]
 
 
@@ -41,8 +43,8 @@ def tissue_mask(rgb: np.ndarray, um_per_px: float | None = None,
     settings as pixel counts at 1 µm/px (about 10× magnification).
     """
     from scipy import ndimage
-    from skimage.color import rgb2hsv
-    from skimage.filters import threshold_otsu
+    rgb2hsv = require("skimage.color", "wsi").rgb2hsv
+    threshold_otsu = require("skimage.filters", "wsi").threshold_otsu
 
     params = params or TissueParams()
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -98,7 +100,7 @@ def save_mask_png(path: str | Path, rgb: np.ndarray, mask: np.ndarray, title: st
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
 
-    from mamba2d.train.checkpoint import atomic_write
+    from mamba2d.io import atomic_write
 
     # The picture is 720 pixels wide: draw from an image of at most about 1024 pixels.
     step = max(1, max(mask.shape) // 1024)

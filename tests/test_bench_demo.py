@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from bench_cases import TINY, FakeEncoder
 from PIL import Image
-from test_data_benchmarks import TINY, FakeEncoder
 
-from mamba2d.demo import (
+from mamba2d.bench.demo import (
     DEMO_VARIANTS,
     STUDY_SURVIVAL_VARIANTS,
     STUDY_VARIANTS,

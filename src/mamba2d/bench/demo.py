@@ -24,17 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mamba2d.bench.config import BenchmarkConfig, default_benchmark_dir
+from mamba2d.bench.dataset import build_benchmark
+from mamba2d.bench.features import TileEncoder
+from mamba2d.bench.render import lesion_cells, render_mosaic
 from mamba2d.data.bags import read_bag
-from mamba2d.data.benchmarks import (
-    BenchmarkConfig,
-    TileEncoder,
-    build_benchmark,
-    default_benchmark_dir,
-    lesion_cells,
-    render_mosaic,
-)
+from mamba2d.io import load_checkpoint, write_json, write_text
 from mamba2d.train import plots
-from mamba2d.train.checkpoint import load_checkpoint, write_json, write_text
 from mamba2d.train.config import TrainConfig
 from mamba2d.train.distributed import pick_device
 from mamba2d.train.engine import rebuild_model, run_training
@@ -148,7 +144,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, fmnist_di
                 model_args=dict(model_args))
             log(f"training {name} ({task}, {settings.epochs} epochs, seeds {list(settings.seeds)})")
             t0 = time.perf_counter()
-            run_training(train_cfg)  # resumes a run directory left by an interrupted demo
+            # Reuses a finished run directory and resumes one left by an interrupted demo.
+            run_training(train_cfg, reuse_finished=True)
             timings[f"train_{task}_{variant_slug(name)}_s"] = round(time.perf_counter() - t0, 1)
             runs[task].append((name, run_dir))
 
