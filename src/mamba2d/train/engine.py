@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba2d.data.bags import FeatureBagSet, GridCheck
-from mamba2d.data.grid import PatchGrid
 from mamba2d.data.labels import LabelTable, read_labels
 from mamba2d.data.splits import (
     Split,
@@ -50,6 +49,7 @@ from mamba2d.data.splits import (
 )
 from mamba2d.io import load_checkpoint, save_checkpoint, write_json, write_text
 from mamba2d.mil import MODELS, build_model
+from mamba2d.mil.grid import PatchGrid
 from mamba2d.train import plots
 from mamba2d.train.config import TrainConfig
 from mamba2d.train.distributed import DistInfo, barrier, distributed_session, gather, on_main, shard
