@@ -1,5 +1,8 @@
 """The ``mamba2d`` command line."""
 
+import ast
+from pathlib import Path
+
 import pytest
 
 import mamba2d
@@ -26,3 +29,32 @@ def test_selfcheck_succeeds(capsys):
     assert main(["selfcheck"]) == 0
     out = capsys.readouterr().out
     assert "relative error" in out
+
+
+CLI_DIR = Path(mamba2d.__file__).parent / "cli"
+MAX_FUNCTION_LINES = 60
+
+
+def _long_functions(folder: Path, limit: int) -> list[str]:
+    """'file:line name (N lines)' for each function (methods and nested ones too) over ``limit`` lines."""
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    found.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_cli_functions_stay_short():
+    """One module per subcommand keeps each parser and handler readable: none over 60 lines."""
+    assert len(list(CLI_DIR.glob("*.py"))) >= 10, f"no command modules found in {CLI_DIR}"
+    assert _long_functions(CLI_DIR, MAX_FUNCTION_LINES) == []
+
+
+def test_long_function_check_catches_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "cmd.py").write_text(f"def short():\n    return 1\n\n\ndef long():\n{body}\n")
+    want = [f"cmd.py:5 long ({MAX_FUNCTION_LINES + 1} lines)"]
+    assert _long_functions(tmp_path, MAX_FUNCTION_LINES) == want
