@@ -38,6 +38,7 @@ GROUPS = {
 
 def add_parser(sub: Subparsers) -> None:
     from mamba2d.train.config import VisionTrainConfig
+    from mamba2d.vision.vmamba import BUILDERS  # the models alone: timm is not imported
 
     vt = sub.add_parser(
         "vision-train",
@@ -45,7 +46,10 @@ def add_parser(sub: Subparsers) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_flags(vt, VisionTrainConfig, GROUPS, model_arg_example="backend=torch")
+    model_help = (f"backbone: {', '.join(BUILDERS)} (2DVMamba and its 1D cross-scan twin, built in) "
+                  "or any timm model")
+    add_config_flags(vt, VisionTrainConfig, GROUPS, helps={"model": model_help},
+                     model_arg_example="backend=torch")
     vt.set_defaults(func=run)
 
 
