@@ -315,8 +315,8 @@ class VisionTrainConfig(ConfigFile):
                      default="classification", choices=("classification", "segmentation"))
     data: str = _opt("'fashion-mnist' (built in; segmentation uses its mosaics) or, for classification, an "
                      "ImageFolder root with train/ and val/ class subfolders", default="fashion-mnist")
-    model: str = _opt("backbone: vmamba2d_tiny, vmamba2d_small, vmamba1d_tiny, vmamba1d_small or any timm "
-                      "model", default="vmamba2d_tiny")
+    model: str = _opt("backbone: a 2DVMamba builder of mamba2d.vision.BUILDERS (`mamba2d vision-train "
+                      "--help` lists them) or any timm model", default="vmamba2d_tiny")
     img_size: int | None = _opt("input side in pixels, a multiple of 32 (default: 32 for Fashion-MNIST "
                                 "classification, 64 for mosaics, 224 for folders)")
     epochs: int = _opt("training epochs", default=10)
