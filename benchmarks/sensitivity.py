@@ -151,6 +151,104 @@ def _jobs(a: argparse.Namespace) -> list:
     return jobs
 
 
+def timing(a: argparse.Namespace) -> dict:
+    """Time jobs of 1 and ``--long-epochs`` epochs per (model, task) in one warm worker, and
+    extrapolate a job of 20 and 50 epochs: fixed cost + epochs x per-epoch cost (training, then
+    validation). Each model first trains one warm-up epoch on the smallest selected task (imports,
+    kernel compilation), which is not timed."""
+    import tempfile
+
+    import torch
+
+    from mamba2d.bench.sweep import Job, Setting, read_results, run_pool
+
+    names = pick_tasks(a.tasks)
+    models = [m for m in MODELS if any(fnmatch.fnmatchcase(m, p) for p in a.models.split(","))]
+    data_root = Path(a.data).expanduser()
+    t0 = time.perf_counter()
+    data = build(data_root, names, fmnist_dir=a.fmnist_dir)
+    build_s = time.perf_counter() - t0
+    smallest = min(names, key=lambda n: json.loads((Path(data[n].folder) / "benchmark.json").read_text())
+                   ["counts"]["train"]["patches"]["total"])
+    jobs = []
+    for m in models:
+        args = {"conv": "2d"} if m == "2dmambamil" else {}
+        jobs.append(Job("warmup", m, Setting.point(5e-4, 1, **args), smallest, 0))
+        for name in names:
+            for epochs in (1, a.long_epochs):
+                jobs.append(Job("timing", m, Setting.point(5e-4, epochs, **args), name, 0))
+    device = "cpu" if a.device == "cpu" else "cuda:0"
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp) / "timing.jsonl"
+        run_pool(jobs, data, results, work=Path(tmp) / "work", devices=[device], threads=a.threads,
+                 log=lambda m: print(m, flush=True))
+        recs = {r["key"]: r for r in read_results([results])}
+    rows = []
+    for m in models:
+        args = {"conv": "2d"} if m == "2dmambamil" else {}
+        for name in names:
+            short, long = (recs.get(Job("timing", m, Setting.point(5e-4, e, **args), name, 0).key)
+                           for e in (1, a.long_epochs))
+            if not short or not long or short["status"] != "ok" or long["status"] != "ok":
+                continue
+            # Two points on a shared machine can give a slope below the training time alone: clamp.
+            per_epoch = max((long["seconds"] - short["seconds"]) / (a.long_epochs - 1),
+                            long["train_seconds_per_epoch"])
+            fixed = max(short["seconds"] - per_epoch, 0.0)
+            info = json.loads((Path(data[name].folder) / "benchmark.json").read_text())
+            rows.append({"model": m, "task": name, "mean_patches": info["counts"]["train"]["patches"]["mean"],
+                         "slides": sum(info["counts"][p]["slides"] for p in ("train", "val", "test")),
+                         "source": data[name].source,
+                         "job_1_epoch_s": short["seconds"], f"job_{a.long_epochs}_epochs_s": long["seconds"],
+                         "train_s_per_epoch": long["train_seconds_per_epoch"],
+                         "per_epoch_s": round(per_epoch, 2), "fixed_s": round(fixed, 2),
+                         "est_job_20_epochs_s": round(fixed + 20 * per_epoch, 1),
+                         "est_job_50_epochs_s": round(fixed + 50 * per_epoch, 1)})
+    device_name = torch.cuda.get_device_name(0) if device != "cpu" else "cpu"
+    return {"date": _dt.date.today().isoformat(), "device": device_name, "threads_per_worker": a.threads,
+            "workers": 1, "torch": torch.__version__, "build_seconds": round(build_s, 1), "rows": rows,
+            "note": "one worker; on a shared machine these numbers are preliminary"}
+
+
+def probe(a: argparse.Namespace) -> list[dict]:
+    """Context-free baselines per classification task instance, fitted on train + val slides and
+    scored on the test slides: logistic regression on mean-pooled and on max-pooled features, and on
+    the true counts of each tile kind (the best any bag-of-tiles model can do)."""
+    import h5py
+    import numpy as np
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    data = build(Path(a.data).expanduser(), pick_tasks(a.tasks), fmnist_dir=a.fmnist_dir)
+    rows = []
+    for name, d in data.items():
+        if d.kind != "classification":
+            continue
+        slides = pd.read_csv(Path(d.folder) / "slides.csv")
+        feats = {"mean-pooled features": [], "max-pooled features": [], "counts of tile kinds": []}
+        for sid in slides["slide_id"]:
+            with h5py.File(Path(d.folder) / "features" / f"{sid}.h5") as f:
+                x, kind = f["features"][()], f["tile_kind"][()]
+            feats["mean-pooled features"].append(x.mean(0))
+            feats["max-pooled features"].append(x.max(0))
+            feats["counts of tile kinds"].append(np.bincount(kind, minlength=5).astype(float))
+        y = slides["label"].to_numpy()
+        train = slides["part"].isin(["train", "val"]).to_numpy()
+        row = {"task": name, "needs_2d": d.needs_2d}
+        for what, x in feats.items():
+            x = StandardScaler().fit(np.asarray(x)[train]).transform(np.asarray(x))
+            clf = LogisticRegression(C=1.0, max_iter=2000).fit(x[train], y[train])
+            p = clf.predict_proba(x[~train])
+            auc = roc_auc_score(y[~train], p[:, 1]) if p.shape[1] == 2 else \
+                roc_auc_score(y[~train], p, multi_class="ovr")
+            row[what] = round(float(auc), 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="grid", choices=("grid", "defaults", "paper"))
     p.add_argument("--tasks", help="names, patterns or groups (core, variants, large, survival, all); "
@@ -185,6 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     bld.add_argument("--fmnist-dir")
     lst = sub.add_parser("list", help="count the selected jobs, done and pending")
     _add_selection(lst)
+    tim = sub.add_parser("timing", help="time 1- and N-epoch jobs per model and task; write JSON")
+    tim.add_argument("--tasks", default="diagonal-g48")
+    tim.add_argument("--models", default="*", help="comma list or patterns")
+    tim.add_argument("--long-epochs", type=int, default=3)
+    tim.add_argument("--device", default="cpu")
+    tim.add_argument("--threads", type=int, default=1)
+    tim.add_argument("--data", default=str(Path.home() / ".cache" / "mamba2d" / "sensitivity"))
+    tim.add_argument("--fmnist-dir")
+    tim.add_argument("--out", help="JSON file to write (default: print)")
+    prb = sub.add_parser("probe", help="context-free baselines per task (pooled features, tile counts)")
+    prb.add_argument("--tasks", default="core,variants")
+    prb.add_argument("--data", default=str(Path.home() / ".cache" / "mamba2d" / "sensitivity"))
+    prb.add_argument("--fmnist-dir")
+    prb.add_argument("--out", help="JSON file to write")
     rep = sub.add_parser("report", help="Markdown tables (stdout or --md) and the figure (--plot)")
     rep.add_argument("results", nargs="+")
     rep.add_argument("--md")
@@ -193,6 +305,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.cmd == "build":
         build(Path(a.data).expanduser(), pick_tasks(a.tasks), fmnist_dir=a.fmnist_dir)
+        return 0
+    if a.cmd == "timing":
+        from mamba2d.io import write_json
+
+        out = timing(a)
+        if a.out:
+            write_json(a.out, out)
+        print(json.dumps(out, indent=1))
+        return 0
+    if a.cmd == "probe":
+        from mamba2d.io import write_json
+
+        rows = probe(a)
+        if a.out:
+            write_json(a.out, {"date": _dt.date.today().isoformat(), "rows": rows})
         return 0
     if a.cmd == "report":
         from mamba2d.bench.sweep import plot_sensitivity, read_results, report_markdown

@@ -219,3 +219,12 @@ def test_registry_refuses_bad_tasks():
         sample_task_layout("nope", (0,), 0)
     with pytest.raises(BenchmarkError, match="label must be"):
         sample_task_layout("diagonal", (0,), 2)
+
+
+def test_docs_list_every_task_as_defined():
+    from pathlib import Path
+
+    from mamba2d.bench.tasks import tasks_markdown
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "benchmark.md").read_text()
+    assert tasks_markdown() in docs, "regenerate the task table in docs/benchmark.md (tasks_markdown())"

@@ -44,7 +44,8 @@ from mamba2d.bench.rules import CLASS_NAMES, MAX_PLACE_TRIES, dilate8, place, pl
 
 __all__ = ["BACKGROUND", "KIND_A", "KIND_B", "KIND_BACKGROUND", "KIND_DISTRACTOR_A", "KIND_DISTRACTOR_B",
            "NO_TISSUE", "SIGNAL_A", "SIGNAL_B", "TASKS", "Task", "TaskLayout", "TileClasses", "carve_holes",
-           "classification_tasks", "place_shape", "sample_task_layout", "survival_tasks", "task", "task_code"]
+           "classification_tasks", "place_shape", "sample_task_layout", "survival_tasks", "task", "task_code",
+           "tasks_markdown"]
 
 #: Tissue types in :attr:`TaskLayout.tissue_type`.
 NO_TISSUE, BACKGROUND, SIGNAL_A, SIGNAL_B = -1, 0, 1, 2
@@ -613,3 +614,17 @@ def survival_tasks() -> list[str]:
     """Names of the survival tasks, in registration order."""
     return [n for n, t in TASKS.items() if t.survival]
 
+
+
+def tasks_markdown() -> str:
+    """The task table of ``docs/benchmark.md``, generated from the registry and the docstrings."""
+    names = {SIGNAL_A: "A", SIGNAL_B: "B"}
+    lines = ["| task | classes (label order) | needs 2D | raster-visible | grid | distractors | definition |",
+             "|---|---|---|---|---|---|---|"]
+    for t in TASKS.values():
+        distract = ", ".join(f"{lo}-{hi} {names[k]}" for k, (lo, hi) in t.distractors.items()) or "none"
+        text = " ".join(" ".join(t.doc.split()).replace("|", "\\|").split())
+        lines.append(f"| `{t.name}`{' (survival)' if t.survival else ''} | {', '.join(t.classes)} | "
+                     f"{'yes' if t.needs_2d else 'no'} | {'yes' if t.raster_visible else 'no'} | "
+                     f"{t.grid[0]}-{t.grid[1]} | {distract} | {text} |")
+    return "\n".join(lines)
