@@ -40,7 +40,7 @@ from mamba2d.data.images import FMNIST_CLASSES
 from mamba2d.io import write_h5, write_json, write_text
 from mamba2d.wsi.encoders import EfficientNetLite0Encoder
 
-__all__ = ["build_benchmark"]
+__all__ = ["build_benchmark", "check_build_folder", "write_bag_h5"]
 
 _MARKER = "build-config.json"
 _OWN = {_MARKER, "benchmark.json", "labels.csv", "splits.csv", "slides.csv", "features", "cache"}
@@ -73,27 +73,39 @@ def _slide_images(layout: SlideLayout, pools: dict[int, np.ndarray], key: Sequen
     return cells.astype(np.int64), image_index, kinds.astype(np.int8)
 
 
-def _write_slide(path: Path, features: np.ndarray, cells: np.ndarray, image_index: np.ndarray,
-                 kinds: np.ndarray, layout: SlideLayout, image_split: str, source: ImageSource,
-                 config: BenchmarkConfig) -> None:
+def write_bag_h5(path: Path, features: np.ndarray, cells: np.ndarray, patch_size: int,
+                 datasets: Sequence[tuple[str, np.ndarray, dict[str, Any]]] = (),
+                 attrs: dict[str, Any] | None = None) -> None:
+    """Atomically write one TRIDENT-style bag: ``features`` (N, D) float32 and ``coords`` (N, 2), the
+    level-0 (x, y) top-left corners of the (N, 2) (row, col) ``cells`` at ``patch_size`` pixels per
+    cell, with TRIDENT's coords attributes (20x); then ``datasets`` (name, (N,) array, attributes) and
+    the file ``attrs``, in that order (equal inputs give byte-identical files)."""
     def fill(f: Any) -> None:
         f.create_dataset("features", data=features.astype(np.float32, copy=False))
         # TRIDENT coords: level-0 (x, y) of each patch's top-left corner, x = column.
-        coords = f.create_dataset("coords", data=cells[:, ::-1] * config.patch_size_level0)
-        coords.attrs["patch_size_level0"] = config.patch_size_level0
-        coords.attrs["patch_size"] = config.patch_size_level0
+        coords = f.create_dataset("coords", data=cells[:, ::-1] * patch_size)
+        coords.attrs["patch_size_level0"] = patch_size
+        coords.attrs["patch_size"] = patch_size
         coords.attrs["level0_magnification"] = 20.0
         coords.attrs["target_magnification"] = 20.0
-        idx = f.create_dataset("image_index", data=image_index)
-        idx.attrs["image_split"] = image_split
-        f.create_dataset("is_lesion", data=kinds == LESION)
-        f.create_dataset("tile_kind", data=kinds)
-        f.attrs["image_split"] = image_split
-        f.attrs["image_source"] = source.name
-        f.attrs["tile_size"] = source.tile_size
-        f.attrs["grid_shape"] = np.asarray(layout.shape, np.int64)
+        for name, data, extra in datasets:
+            dset = f.create_dataset(name, data=data)
+            for key, value in extra.items():
+                dset.attrs[key] = value
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
 
     write_h5(path, fill)
+
+
+def _write_slide(path: Path, features: np.ndarray, cells: np.ndarray, image_index: np.ndarray,
+                 kinds: np.ndarray, layout: SlideLayout, image_split: str, source: ImageSource,
+                 config: BenchmarkConfig) -> None:
+    write_bag_h5(path, features, cells, config.patch_size_level0,
+                 [("image_index", image_index, {"image_split": image_split}),
+                  ("is_lesion", kinds == LESION, {}), ("tile_kind", kinds, {})],
+                 {"image_split": image_split, "image_source": source.name, "tile_size": source.tile_size,
+                  "grid_shape": np.asarray(layout.shape, np.int64)})
 
 
 def _identity(config: BenchmarkConfig, source: str, tag: str) -> dict[str, Any]:
@@ -112,9 +124,11 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def _check_folder(out_dir: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
+def check_build_folder(out_dir: Path, ident: dict[str, Any],
+                       own: frozenset[str] | set[str] = _OWN) -> dict[str, Any] | None:
     """The finished benchmark.json if ``out_dir`` holds this benchmark complete, None if it is to be
-    (re)built here; :class:`BenchmarkError` if it holds a different benchmark or foreign files."""
+    (re)built here; :class:`BenchmarkError` if it holds a different benchmark or files other than
+    ``own`` names."""
     if not out_dir.exists():
         return None
     if not out_dir.is_dir():
@@ -131,7 +145,7 @@ def _check_folder(out_dir: Path, ident: dict[str, Any]) -> dict[str, Any] | None
             if name == "benchmark.json" and all((out_dir / f).is_file() for f in old.get("slide_files", [])):
                 return old
             return None  # same config, unfinished (or files deleted): resume
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OWN)
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in own)
     if foreign:
         raise BenchmarkError(f"{out_dir}: not empty and not a benchmark folder (holds {foreign[:5]}); "
                              f"refusing to write into it")
@@ -164,7 +178,7 @@ def build_benchmark(out_dir: str | Path, config: BenchmarkConfig | None = None, 
         tag = encoder_tag(encoder)
     key, _ = source_key(config.fmnist_dir)
     ident = _identity(config, key, tag)
-    done = _check_folder(out_dir, ident)
+    done = check_build_folder(out_dir, ident)
     if done is not None:
         return done
 

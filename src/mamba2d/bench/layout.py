@@ -25,7 +25,8 @@ from mamba2d.bench.rules import (
     place_loose,
 )
 
-__all__ = ["BACKGROUND", "DECOY", "LESION", "NO_TISSUE", "SlideLayout", "enclosed_holes", "sample_layout"]
+__all__ = ["BACKGROUND", "DECOY", "LESION", "NO_TISSUE", "SlideLayout", "background_regions",
+           "enclosed_holes", "sample_layout", "tissue_outline"]
 
 #: Cell kinds in :attr:`SlideLayout.kind`.
 NO_TISSUE, BACKGROUND, LESION, DECOY = -1, 0, 1, 2
@@ -63,11 +64,8 @@ class SlideLayout:
         return int(self.kind.shape[0]), int(self.kind.shape[1])
 
 
-def _tissue_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """(h, w) bool: a union of 2-5 lobed, rotated ellipses with ragged edges and 1+ enclosed holes.
-
-    Not yet checked for size; :func:`_accept_mask` decides.
-    """
+def tissue_outline(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w) bool: a union of 2-5 lobed, rotated ellipses with a ragged outer edge (no holes yet)."""
     y = (np.arange(h)[:, None] + 0.5) / h
     x = (np.arange(w)[None, :] + 0.5) / w
     mask = np.zeros((h, w), dtype=bool)
@@ -87,6 +85,15 @@ def _tissue_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     interior = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
     edge = mask & ~interior
     mask &= ~(edge & (rng.random((h, w)) < 0.25))
+    return mask
+
+
+def _tissue_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w) bool: :func:`tissue_outline` with 1+ enclosed holes.
+
+    Not yet checked for size; :func:`_accept_mask` decides.
+    """
+    mask = tissue_outline(rng, h, w)
     # Holes: discs strictly inside tissue, at least 2.5 cells from any non-tissue cell so they stay
     # enclosed even under 8-connectivity.
     n_holes = 1 + int(rng.integers(0, 2 + (h * w) // 800))
@@ -127,7 +134,7 @@ def _accept_mask(mask: np.ndarray, config: BenchmarkConfig) -> bool:
     return all(RULES[name].fits(mask, need) for name in config.classes if RULES[name].fits is not None)
 
 
-def _background_classes(rng: np.random.Generator, h: int, w: int, classes: Sequence[int]) -> np.ndarray:
+def background_regions(rng: np.random.Generator, h: int, w: int, classes: Sequence[int]) -> np.ndarray:
     """(h, w) int64 background image class: Voronoi "tissue regions", each dominated (80 %) by one
     class, so the background has 2D structure that is unrelated to the label."""
     n_regions = int(rng.integers(3, 8))
@@ -171,7 +178,7 @@ def sample_layout(config: BenchmarkConfig, key: Sequence[int], label: int | None
     else:
         raise BenchmarkError(f"no acceptable tissue mask for a {h} x {w} grid after {_MAX_MASK_TRIES} "
                              f"tries; raise grid_min or lower lesion_max / tissue_min")
-    image_class = np.where(tissue, _background_classes(rng, h, w, config.background_classes), -1)
+    image_class = np.where(tissue, background_regions(rng, h, w, config.background_classes), -1)
     k = int(rng.integers(config.lesion_min, config.lesion_max + 1))
     has_decoy = bool(rng.random() < config.decoy_prob)
     k_decoy = int(rng.integers(config.lesion_min, config.lesion_max + 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 from mamba2d.bench.config import S_POOL, BenchmarkConfig, BenchmarkError, random_stream
 from mamba2d.data.images import find_fashion_mnist, load_digits_images, load_fashion_mnist
 
-__all__ = ["ImageSource", "image_pools", "load_source", "load_split", "source_key"]
+__all__ = ["ImageSource", "class_pools", "image_pools", "load_source", "load_split", "source_key"]
 
 _DIGITS_TEST_EVERY = 4  # digits fallback: every 4th image is a test image, the rest train
 
@@ -70,14 +71,21 @@ def load_source(fmnist_dir: str | None, *, warn: bool = True) -> ImageSource:
 def image_pools(config: BenchmarkConfig, source: ImageSource) -> dict[str, dict[int, np.ndarray]]:
     """Per image split, per used class: the sorted (pool,) indices of images slides may show."""
     classes = sorted({config.lesion_class, config.decoy_class, *config.background_classes})
+    return class_pools(source, classes, config.pool_per_class, config.seed)
+
+
+def class_pools(source: ImageSource, classes: Sequence[int], per_class: int,
+                seed: int) -> dict[str, dict[int, np.ndarray]]:
+    """Per image split ("train", "test"), per class of ``classes`` (sorted): the sorted indices of
+    ``per_class`` images (all, if fewer) drawn without replacement from the seed."""
     pools: dict[str, dict[int, np.ndarray]] = {}
     for code, split in enumerate(("train", "test")):
-        rng = random_stream(S_POOL, config.seed, code)
+        rng = random_stream(S_POOL, seed, code)
         pools[split] = {}
-        for cls in classes:
+        for cls in sorted(classes):
             cand = np.flatnonzero(source.labels[split] == cls)
             if len(cand) == 0:
                 raise BenchmarkError(f"{source.name} {split} has no images of class {cls}")
-            n = min(config.pool_per_class, len(cand))
+            n = min(per_class, len(cand))
             pools[split][cls] = np.sort(rng.choice(cand, n, replace=False))
     return pools
