@@ -28,7 +28,8 @@ once, and jobs already there are skipped, so a study runs as a series of time-bo
 
 ``--tasks`` takes task names, shell patterns or groups: ``core`` (one instance of each
 classification task, small grids), ``variants`` (other feature sources and dimensions, more holes,
-no distractors), ``large`` (grids up to 200 cells a side), ``survival``, ``all``.
+no distractors), ``large`` (grids up to 200 cells a side), ``easy`` (prototypes 8 noise sd apart, 320
+slides), ``survival``, ``all``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def study_tasks() -> dict[str, tuple[tuple[str, ...], dict]]:
                                                      "grid": (48, 160), **large})
     out["diagonal-g48-large"] = (("large",), {"task": "diagonal", "source": "gauss48", "grid": (64, 200),
                                               **large})
+    # Stronger signal and more slides: a lone tile is certain (8 noise sd between prototypes).
+    for task in ("diagonal", "enclosure", "adjacency", "presence"):
+        out[f"{task}-g48-sep8"] = (("easy",), {"task": task, "source": "gauss48", "separation": 8.0,
+                                               "n_slides": 320})
     for task in ("surv_enclosure", "surv_adjacency", "surv_amount"):
         out[f"{task}-g48"] = (("survival",), {"task": task, "source": "gauss48", **small})
     return out
@@ -107,8 +112,12 @@ def settings_for(mode: str) -> dict:
         out.update({m: [Setting.point(lr, 20) for lr in LRS] for m in BASELINES})
         return out
     if mode in ("defaults", "paper"):
+        from mamba2d.mil.recipes import recipe_for
+
         preset = "default" if mode == "defaults" else "paper"
-        return {m: [Setting(name=mode, preset=preset)] for m in MODELS}
+        # The name carries the recipe, so results of an older default are not taken for the current one.
+        return {m: [Setting(name=f"{mode}: " + Setting.point(r.lr, r.epochs, **r.model_args).name,
+                            preset=preset)] for m in MODELS for r in [recipe_for(m, preset)]}
     raise SystemExit(f"--mode must be grid, defaults or paper, got {mode!r}")
 
 
@@ -271,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default="cpu", help="cpu or cuda (workers spread over every visible GPU)")
     run.add_argument("--workers", type=int, default=1, help="worker processes (cpu)")
     run.add_argument("--workers-per-gpu", type=int, default=4)
+    run.add_argument("--cpu-workers", type=int, default=0,
+                     help="with --device cuda: CPU workers beside the GPU ones")
+    run.add_argument("--gpu-only", default="mambamil,transmil",
+                     help="models whose jobs go to GPU workers only (with --cpu-workers)")
     run.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
     run.add_argument("--max-minutes", type=float, default=9.0, help="start no job after this")
     run.add_argument("--hard-minutes", type=float, default=None, help="kill running jobs at this")
@@ -360,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         n = torch.cuda.device_count()
         if n == 0:
             raise SystemExit("--device cuda: no GPU is visible")
-        devices = [f"cuda:{i}" for i in range(n) for _ in range(a.workers_per_gpu)]
+        devices = [f"cuda:{i}" for i in range(n) for _ in range(a.workers_per_gpu)] + ["cpu"] * a.cpu_workers
     t0 = time.perf_counter()
     data = build(data_root, sorted({j.task for j in pending}), fmnist_dir=a.fmnist_dir)
     spent = (time.perf_counter() - t0) / 60
@@ -370,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_minutes=a.max_minutes - spent,
                        hard_minutes=None if a.hard_minutes is None else a.hard_minutes - spent,
                        keep_runs=a.keep_runs, retry_failed=a.retry_failed,
+                       gpu_only=[m for m in a.gpu_only.split(",") if m] if a.cpu_workers else (),
                        log=lambda m: print(m, flush=True))
     summary["date"] = _dt.date.today().isoformat()
     print(json.dumps(summary), flush=True)

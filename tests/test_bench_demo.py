@@ -94,3 +94,23 @@ def test_study_covers_every_registered_model():
     assert set(full.jobs("survival")) == set(STUDY_SURVIVAL_VARIANTS)
     slugs = [variant_slug(n) for n in STUDY_VARIANTS]
     assert len(set(slugs)) == len(slugs) and all(s.replace("_", "").isalnum() for s in slugs)
+
+
+def test_demo_trains_each_model_at_its_default_recipe(demo_run):
+    from mamba2d.mil.recipes import recipe_for
+    from mamba2d.train.config import TrainConfig
+
+    root, _, _ = demo_run
+    cfg = TrainConfig.load(root / "out" / "runs" / "classification-2dmambamil_conv2d" / "config.yaml")
+    default = recipe_for("2dmambamil")
+    assert cfg.lr == default.lr and cfg.model_args["conv"] == default.model_args["conv"] == "2d"
+    assert TrainConfig.load(root / "out" / "runs" / "classification-abmil" / "config.yaml").lr == \
+        recipe_for("abmil").lr
+
+
+def test_study_rows_name_their_convolution_whatever_the_recipe():
+    from mamba2d.bench.demo import STUDY_VARIANTS
+
+    for name, (model, args) in STUDY_VARIANTS.items():
+        if model == "2dmambamil":
+            assert args["conv"] == ("1d" if "conv1d" in name else "2d"), name

@@ -58,6 +58,12 @@ def test_settings_jobs_and_filters():
     assert {s.epochs for m in study.BASELINES for s in grid[m]} == {20}
     defaults = [s for g in study.settings_for("defaults").values() for s in g]
     assert all(s.preset == "default" and s.lr is None and s.epochs is None for s in defaults)
+    from mamba2d.mil.recipes import recipe_for
+
+    r = recipe_for("2dmambamil")  # a result of an older default must not count for the current one
+    named = study.settings_for("defaults")["2dmambamil"][0].name
+    assert named.startswith("defaults: lr=") and f"ep={r.epochs}" in named
+    assert all(f"{k}={v}" in named for k, v in r.model_args.items())
     core = [n for n, (g, _) in study.study_tasks().items() if "core" in g]
     assert study.pick_tasks("core,diagonal-*") == [*core, "diagonal-fmnist", "diagonal-g48-large"]
     for _, kwargs in study.study_tasks().values():  # every instance is a valid config
@@ -133,3 +139,15 @@ def test_pool_trains_a_job_and_resumes(tmp_path):
     none = run_pool(later, data, results, work=tmp_path / "work", devices=["cpu"], max_minutes=0)
     assert none["not_started"] == 1 and none["done"] == 0
     assert json.loads(results.read_text().splitlines()[0])["key"] == jobs[0].key
+
+
+def test_gpu_only_models_never_go_to_a_cpu_worker():
+    from mamba2d.bench.sweep import Job, Setting, _next_job
+
+    todo = [Job("grid", m, Setting.point(1e-4, 20), "t", 0) for m in ("abmil", "mambamil", "2dmambamil")]
+    assert _next_job(todo, on_gpu=False, gpu_only={"mambamil"}) == 0
+    assert _next_job(todo, on_gpu=True, gpu_only={"mambamil"}) == 1
+    assert _next_job(todo[1:2], on_gpu=False, gpu_only={"mambamil"}) is None
+    assert _next_job(todo[2:], on_gpu=True, gpu_only={"mambamil"}) == 0
+    assert _next_job([], on_gpu=True, gpu_only=()) is None
+    assert _next_job(todo, on_gpu=False, gpu_only=lambda j: j.model != "2dmambamil") == 2

@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -259,6 +259,16 @@ def _worker(wid: int, device: str, threads: int, work: str, jobs: Any, results: 
 # The pool
 
 
+def _next_job(todo: Sequence[Job], *, on_gpu: bool,
+              gpu_only: Collection[str] | Callable[[Job], bool]) -> int | None:
+    """Index in ``todo`` of the job a worker takes next (see :func:`run_pool`), or None."""
+    wants_gpu = gpu_only if callable(gpu_only) else (lambda j: j.model in gpu_only)
+    if on_gpu:
+        first = next((i for i, j in enumerate(todo) if wants_gpu(j)), None)
+        return first if first is not None else (0 if todo else None)
+    return next((i for i, j in enumerate(todo) if not wants_gpu(j)), None)
+
+
 @dataclass
 class _Slot:
     wid: int
@@ -272,11 +282,15 @@ class _Slot:
 def run_pool(jobs: Sequence[Job], data: dict[str, TaskData], results_path: str | Path, *, work: str | Path,
              devices: Sequence[str], threads: int = 1, max_minutes: float = math.inf,
              hard_minutes: float | None = None, keep_runs: bool = False, retry_failed: bool = False,
+             gpu_only: Collection[str] | Callable[[Job], bool] = (),
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``jobs`` (skipping those already in ``results_path``) in one worker per entry of
     ``devices`` (e.g. ``["cpu", "cpu"]`` or ``["cuda:0"] * 4``), each with ``threads`` CPU threads,
-    appending each finished job's record to ``results_path``. Returns a summary: jobs done, failed,
-    skipped (already in the results), not started (time limit) and killed (hard limit).
+    appending each finished job's record to ``results_path``. Jobs of the models in ``gpu_only``
+    (those far slower on a CPU), or for which ``gpu_only(job)`` is true, go to GPU workers only; a
+    GPU worker takes them before other jobs, a CPU worker takes the first job not among them. Returns
+    a summary: jobs done, failed, skipped (already in the results), not started (time limit) and
+    killed (hard limit).
     """
     results_path = Path(results_path)
     work = Path(work)
@@ -313,12 +327,16 @@ def run_pool(jobs: Sequence[Job], data: dict[str, TaskData], results_path: str |
             else:
                 os.environ[k] = v
     todo = list(pending)
+    deaths = 0
     try:
         while True:
             now = time.monotonic()
             for slot in slots:
                 if slot.job is None and todo and now < deadline:
-                    slot.job, slot.since = todo.pop(0), now
+                    pick = _next_job(todo, on_gpu=slot.device != "cpu", gpu_only=gpu_only)
+                    if pick is None:
+                        continue
+                    slot.job, slot.since = todo.pop(pick), now
                     slot.jobs.put((slot.job, data[slot.job.task], keep_runs))
             busy = [s for s in slots if s.job is not None]
             if not busy:
@@ -340,9 +358,14 @@ def run_pool(jobs: Sequence[Job], data: dict[str, TaskData], results_path: str |
                                "error": f"the worker died (exit code {slot.proc.exitcode}); out of memory?"}
                         append_record(results_path, rec)
                         summary["failed"] += 1
+                        deaths += 1
                         log(f"error {job.key}: {rec['error']}")
                         slots[i] = spawn(slot.wid, slot.device)
+                if deaths > 2 * len(slots):  # workers that cannot start would fail every job
+                    log(f"stopping: {deaths} workers died in a row; see {work / 'logs'}")
+                    break
                 continue
+            deaths = 0
             slot = next(s for s in slots if s.wid == wid)
             slot.job = None
             append_record(results_path, rec)
@@ -486,9 +509,9 @@ def report_markdown(records: Iterable[dict[str, Any]], *, threshold: float = LEA
 
 def plot_sensitivity(records: Iterable[dict[str, Any]], path: str | Path, *,
                      threshold: float = LEARNED_AUC, title: str = "") -> Path:
-    """PNG: fraction of (task, seed) pairs learned against the learning rate, for 2D tasks (left)
-    and controls (right); one line per model (per conv and epochs for 2dmambamil) of the grid mode,
-    and each model's default as a marker at its default lr."""
+    """PNG: fraction of (task, seed) pairs learned (top) and mean test AUC (bottom) against the
+    learning rate, for 2D tasks (left) and controls (right); one line per model (per conv and
+    epochs for 2dmambamil) of the grid mode, and each model's default as a marker at its lr."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -500,27 +523,34 @@ def plot_sensitivity(records: Iterable[dict[str, Any]], path: str | Path, *,
     table = setting_table(frame, threshold)
     lr_of = frame.groupby(["mode", "model", "setting"])["lr"].first()
     table["lr"] = [lr_of.get((r["mode"], r["model"], r["setting"]), np.nan) for _, r in table.iterrows()]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    # Top: the fraction learned (undefined while no task is learnable); bottom: the mean test AUC.
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4), sharex=True)
     grid = table[table["mode"] == "grid"].copy()
     # One line per model, and per (conv, epochs) for models with more settings than learning rates.
     grid["line"] = [" ".join([m, *(p for p in s.split() if not p.startswith("lr="))])
                     for m, s in zip(grid["model"], grid["setting"], strict=True)]
     cmap = plt.get_cmap("tab20")
-    for ax, group in zip(axes, ("2d", "control"), strict=True):
-        for i, (line, g) in enumerate(grid.groupby("line", sort=False)):
-            g = g.sort_values("lr")
-            style = "-" if line.startswith("2dmambamil") else "--"
-            ax.plot(g["lr"], g[f"{group}_learned"], style, marker="o", ms=3, color=cmap(i % 20), label=line)
-        for i, (_, r) in enumerate(table[table["mode"] != "grid"].iterrows()):
-            ax.plot([r["lr"]], [r[f"{group}_learned"]], marker="*" if r["mode"] == "defaults" else "s",
-                    ms=9, ls="none", color=cmap(i % 20), label=f"{r['model']} ({r['mode']})")
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_title("tasks that need 2D context" if group == "2d" else "controls")
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"fraction of (task, seed) learned (test AUC ≥ {threshold})")
-    handles, labels = axes[0].get_legend_handles_labels()
+    for row, (what, label) in enumerate((("learned", f"fraction of (task, seed) learned (AUC ≥ {threshold})"),
+                                         ("auc", "mean test AUC over (task, seed)"))):
+        for ax, group in zip(axes[row], ("2d", "control"), strict=True):
+            for i, (line, g) in enumerate(grid.groupby("line", sort=False)):
+                g = g.sort_values("lr")
+                style = "-" if line.startswith("2dmambamil") else "--"
+                ax.plot(g["lr"], g[f"{group}_{what}"], style, marker="o", ms=3, color=cmap(i % 20),
+                        label=line)
+            for i, (_, r) in enumerate(table[table["mode"] != "grid"].iterrows()):
+                ax.plot([r["lr"]], [r[f"{group}_{what}"]], marker="*" if r["mode"] == "defaults" else "s",
+                        ms=9, ls="none", color=cmap((i + 10) % 20), label=f"{r['model']} ({r['mode']})")
+            ax.set_xscale("log")
+            if row == 1:
+                ax.set_xlabel("learning rate")
+                ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+            else:
+                ax.set_title("tasks that need 2D context" if group == "2d" else "controls")
+            ax.set_ylim(-0.03 if what == "learned" else 0.2, 1.03)
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel(label)
+    handles, labels = axes[1][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     if title:
         fig.suptitle(title)

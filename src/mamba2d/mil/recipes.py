@@ -1,11 +1,11 @@
 """Training recipes: what `mamba2d train --model X` uses when no flag says otherwise.
 
-Every model has a ``default`` recipe (its most robust settings, chosen from the sensitivity study of
-docs/benchmark.md, where each model was trained over a grid of learning rates, convolutions and
-schedules on a family of spatial rules and seeds) and a ``paper`` recipe (the settings the 2DMamba
-paper trained every model with: AdamW, lr 1e-4, weight decay 1e-5, 20 epochs, each model's
-published architecture). Flags, a ``--config`` file and ``--model-arg`` override a recipe field
-by field.
+Every model has a ``default`` recipe (its most robust settings known so far, from the sensitivity
+study of docs/benchmark.md, which trains each model over learning rates, convolutions and schedules
+on a family of spatial rules and seeds; its state and open questions are written there) and a
+``paper`` recipe (the settings the 2DMamba paper trained every model with: AdamW, lr 1e-4, weight
+decay 1e-5, 20 epochs, each model's published architecture). Flags, a ``--config`` file and
+``--model-arg`` override a recipe field by field.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ PAPER = Recipe(lr=1e-4, epochs=20, weight_decay=1e-5,
 RECIPES: dict[str, dict[str, Recipe]] = {
     "2dmambamil": {
         "default": Recipe(lr=5e-4, epochs=20, model_args={"conv": "2d"},
-                          note="sensitivity study (docs/benchmark.md): conv 2d with lr 5e-4 learned every "
-                               "2D rule; the paper's conv 1d at lr 1e-4 stays at chance on some"),
+                          note="provisional (docs/benchmark.md, sensitivity study): conv 2d at lr 5e-4 "
+                               "lifted 2dmambamil from chance on 2D rules where the paper's conv 1d at lr "
+                               "1e-4 failed, and was the only default to learn a core 2D task instance; "
+                               "not yet validated on every rule"),
         "paper": Recipe(lr=1e-4, epochs=20, model_args={"conv": "1d"}, note=PAPER.note),
     },
 }
