@@ -65,7 +65,8 @@ def test_settings_jobs_and_filters():
     assert named.startswith("defaults: lr=") and f"ep={r.epochs}" in named
     assert all(f"{k}={v}" in named for k, v in r.model_args.items())
     core = [n for n, (g, _) in study.study_tasks().items() if "core" in g]
-    assert study.pick_tasks("core,diagonal-*") == [*core, "diagonal-fmnist", "diagonal-g48-large"]
+    assert study.pick_tasks("core,diagonal-*") == [*core, "diagonal-fmnist", "diagonal-g48-large",
+                                                   "diagonal-g48-sep8"]
     for _, kwargs in study.study_tasks().values():  # every instance is a valid config
         kwargs = dict(kwargs)
         task_config(kwargs.pop("task"), **kwargs)
