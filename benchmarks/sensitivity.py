@@ -76,7 +76,8 @@ def study_tasks() -> dict[str, tuple[tuple[str, ...], dict]]:
     out["diagonal-g48-large"] = (("large",), {"task": "diagonal", "source": "gauss48", "grid": (64, 200),
                                               **large})
     # Stronger signal and more slides: a lone tile is certain (8 noise sd between prototypes).
-    for task in ("diagonal", "enclosure", "adjacency", "presence"):
+    for task in ("diagonal", "enclosure", "adjacency", "presence", "corner", "pair_orientation",
+                 "border_distance", "cluster_count", "amount"):
         out[f"{task}-g48-sep8"] = (("easy",), {"task": task, "source": "gauss48", "separation": 8.0,
                                                "n_slides": 320})
     for task in ("surv_enclosure", "surv_adjacency", "surv_amount"):
