@@ -368,7 +368,7 @@ def main() -> int:
                              scratch, f"w{w}b{b}")
             result["variants"].append(run)
             print(f"variant workers={w} batch={b}: {run['patches_per_s']} patches/s", flush=True)
-        if not a.skip_check:
+        if not a.skip_check and a.check_slides > 0:
             result["check"] = sharding_check(a, cfg, scratch)
             print(f"check: {result['check']}", flush=True)
     finally:
