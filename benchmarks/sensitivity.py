@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+#: Where task datasets are built and reused, unless --data says otherwise.
+DEFAULT_DATA = str(Path.home() / ".cache" / "mamba2d" / "sensitivity")
 #: The learning rates of the grid.
 LRS = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3)
 BASELINES = ("mambamil", "abmil", "s4mil", "transmil", "clam_sb", "dsmil", "dtfd", "meanmil", "maxmil")
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="train the selected jobs that are not in --results yet")
     _add_selection(run)
-    run.add_argument("--data", default=str(Path.home() / ".cache" / "mamba2d" / "sensitivity"),
+    run.add_argument("--data", default=DEFAULT_DATA,
                      help="where task datasets are built and reused")
     run.add_argument("--work", help="run folders and worker logs (default: DATA/work)")
     run.add_argument("--device", default="cpu", help="cpu or cuda (workers spread over every visible GPU)")
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--fmnist-dir")
     bld = sub.add_parser("build", help="only build the selected tasks")
     bld.add_argument("--tasks", default="all")
-    bld.add_argument("--data", default=str(Path.home() / ".cache" / "mamba2d" / "sensitivity"))
+    bld.add_argument("--data", default=DEFAULT_DATA)
     bld.add_argument("--fmnist-dir")
     lst = sub.add_parser("list", help="count the selected jobs, done and pending")
     _add_selection(lst)
@@ -303,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     tim.add_argument("--long-epochs", type=int, default=3)
     tim.add_argument("--device", default="cpu")
     tim.add_argument("--threads", type=int, default=1)
-    tim.add_argument("--data", default=str(Path.home() / ".cache" / "mamba2d" / "sensitivity"))
+    tim.add_argument("--data", default=DEFAULT_DATA)
     tim.add_argument("--fmnist-dir")
     tim.add_argument("--out", help="JSON file to write (default: print)")
     prb = sub.add_parser("probe", help="context-free baselines per task (pooled features, tile counts)")
     prb.add_argument("--tasks", default="core,variants")
-    prb.add_argument("--data", default=str(Path.home() / ".cache" / "mamba2d" / "sensitivity"))
+    prb.add_argument("--data", default=DEFAULT_DATA)
     prb.add_argument("--fmnist-dir")
     prb.add_argument("--out", help="JSON file to write")
     rep = sub.add_parser("report", help="Markdown tables (stdout or --md) and the figure (--plot)")
